@@ -1,0 +1,22 @@
+"""localprop: local learning for PyTorch.
+
+Every node (a layer or block) learns from a local objective and updates at once, so the
+activations and gradients of the whole network are never held together.
+
+    import localprop as lp
+    net = lp.LocalSequential(lp.LocalLinear(64, 256), lp.LocalLinear(256, 10, activation=None),
+                             rule="greedy", num_classes=10)
+    stats = net.train_step(x, y)
+
+Importing localprop never initialises CUDA.
+"""
+from . import memory, ops, rules
+from .engine import LocalSequential, Prediction
+from .localize import localize
+from .nodes import LocalLinear, ModuleNode, Node
+from .ops import BackendUnavailable
+
+__version__ = "0.1.0"
+
+__all__ = ["LocalSequential", "LocalLinear", "ModuleNode", "Node", "Prediction", "localize",
+           "memory", "ops", "rules", "BackendUnavailable", "__version__"]

@@ -1,0 +1,199 @@
+"""The engine: a chain of nodes trained by a rule.
+
+The engine holds nodes, validates batches, builds heads and per-node optimizers once
+shapes are known, and hands each step to the rule. It knows nothing of any rule's
+objective, messages or schedule.
+"""
+from __future__ import annotations
+
+import functools
+from dataclasses import dataclass
+from typing import Callable, Iterable
+
+import torch
+from torch import nn
+
+from . import heads, rules
+from .errors import check_finite
+from .nodes import LocalLinear, ModuleNode, Node
+from .ops import backends
+
+OptimizerFactory = Callable[[Iterable[nn.Parameter]], torch.optim.Optimizer]
+
+#: the optimizer each node gets when none is given
+DEFAULT_OPTIMIZER: OptimizerFactory = functools.partial(torch.optim.SGD, lr=0.05, momentum=0.9)
+
+
+@dataclass
+class Prediction:
+    """What :meth:`LocalSequential.predict` returns."""
+    labels: torch.Tensor     #: int64 [B] predicted class
+    exit_node: torch.Tensor  #: int64 [B] index of the node whose head answered
+
+
+class LocalSequential(nn.Module):
+    """A chain of nodes trained by a local learning rule (or by backprop, for comparison).
+
+    Args:
+        *nodes: :class:`~localprop.LocalLinear` nodes or any ``nn.Module`` blocks (wrapped in
+            :class:`~localprop.nodes.ModuleNode`). The last node's output is the logits [B, C].
+        rule: a rule name ("bp", "bp+checkpoint", "greedy", ...) or a :class:`~localprop.rules.Rule`.
+        num_classes: C, number of classes of the labels.
+        optimizer: factory ``params -> torch.optim.Optimizer``; each node gets its own
+            (default SGD lr=0.05, momentum=0.9).
+        backend: backend of the fused ops: "reference", "cpp", "triton", "cuda" or "auto"
+            (default: $LOCALPROP_BACKEND, else "auto").
+        check_finite: raise FloatingPointError on a non-finite input or loss (default True).
+
+    Networks whose nodes all have known shapes (LocalLinear) are built at once; others
+    are built by :meth:`build` or on the first batch, by a dry run.
+    """
+
+    def __init__(self, *nodes: nn.Module, rule: str | rules.Rule = "greedy", num_classes: int,
+                 optimizer: OptimizerFactory | None = None, backend: str | None = None,
+                 check_finite: bool = True) -> None:
+        super().__init__()
+        if not nodes:
+            raise ValueError("LocalSequential needs at least one node")
+        if not isinstance(num_classes, int) or num_classes < 2:
+            raise ValueError(f"num_classes must be an int >= 2, got {num_classes!r}")
+        self.nodes = nn.ModuleList(n if isinstance(n, Node) else ModuleNode(n) for n in nodes)
+        for k, node in enumerate(self.nodes):
+            node.name = str(k)
+        self.rule = rules.resolve(rule)
+        self.num_classes = num_classes
+        self.optimizer_factory = optimizer or DEFAULT_OPTIMIZER
+        self.backend_request = backends.requested(backend)
+        self.check_finite = check_finite
+        self._backend_for: dict[torch.device, str] = {}
+        self.steps = 0
+        self.built = False
+        if all(n.input_shape is not None for n in self.nodes):
+            self._check_chain()
+            self._finish_build()
+
+    # ---- building -----------------------------------------------------------------
+    def build(self, example: torch.Tensor) -> LocalSequential:
+        """Find every node's shapes by a dry run on ``example`` [B, ...] (no gradients,
+        eval mode, parameters untouched), then build heads and optimizers."""
+        if self.built:
+            return self
+        modes = [m.training for m in self.modules()]
+        self.eval()
+        with torch.no_grad():
+            h = example[:2]
+            for node in self.nodes:
+                node.input_shape = tuple(h.shape[1:])
+                h = node(h)
+                node.output_shape = tuple(h.shape[1:])
+        for m, mode in zip(self.modules(), modes):
+            m.training = mode
+        self._finish_build()
+        return self
+
+    def _check_chain(self) -> None:
+        for prev, node in zip(self.nodes, self.nodes[1:]):
+            if prev.output_shape != node.input_shape:
+                raise ValueError(f"node {node.name}: expects inputs of shape {list(node.input_shape)}, "
+                                 f"but node {prev.name} outputs {list(prev.output_shape)}")
+
+    def _finish_build(self) -> None:
+        last = self.nodes[-1]
+        if last.output_shape != (self.num_classes,):
+            raise ValueError(f"node {last.name}: the last node must output the logits, shape "
+                             f"[{self.num_classes}] per sample for num_classes={self.num_classes}, "
+                             f"got {list(last.output_shape)}")
+        device = next(self.parameters()).device
+        for node in self.nodes:
+            node.check_finite = self.check_finite
+            if self.rule.uses_heads and node is not last:
+                node.head = heads.default_head(node.output_shape, self.num_classes).to(device)
+        self.rule.attach(self)
+        for node in self.nodes:
+            node.optimizer = self.optimizer_factory(list(node.parameters()))
+        self.built = True
+
+    # ---- training -----------------------------------------------------------------
+    def train_step(self, x: torch.Tensor, y: torch.Tensor) -> rules.StepResult:
+        """Train every node once on the batch x: [B, ...] float, y: int64 [B] in
+        [0, num_classes). Returns the per-node losses (a StepResult)."""
+        self._validate(x, y)
+        if not self.built:
+            self.build(x)
+        self._set_backend(x.device)
+        result = self.rule.train_step(self, x, y, self.steps)
+        self.steps += 1
+        return result
+
+    def _set_backend(self, device: torch.device) -> None:
+        if device not in self._backend_for:  # resolved once per device: it queries the dispatcher
+            self._backend_for[device] = backends.resolve(self.backend_request, device)
+        for node in self.nodes:
+            node.backend = self._backend_for[device]
+
+    @property
+    def backend(self) -> str:
+        """The backend the fused ops run on for this network's parameters."""
+        return backends.resolve(self.backend_request, next(self.parameters()).device)
+
+    def _validate(self, x: torch.Tensor, y: torch.Tensor) -> None:
+        first = self.nodes[0]
+        if not isinstance(x, torch.Tensor) or not x.is_floating_point():
+            got = x.dtype if isinstance(x, torch.Tensor) else type(x).__name__
+            raise TypeError(f"node {first.name}: x must be a floating-point tensor, got {got}")
+        if x.dim() == 0 or x.shape[0] == 0:
+            raise ValueError(f"node {first.name}: empty batch (x has shape {list(x.shape)})")
+        if first.input_shape is not None and tuple(x.shape[1:]) != first.input_shape:
+            raise ValueError(f"node {first.name}: expected x of shape [B, {', '.join(map(str, first.input_shape))}], "
+                             f"got {list(x.shape)}")
+        if not isinstance(y, torch.Tensor) or y.dtype not in (torch.int64, torch.int32, torch.uint8):
+            got = y.dtype if isinstance(y, torch.Tensor) else type(y).__name__
+            raise TypeError(f"labels y must be an integer tensor, got {got}")
+        if y.shape != (x.shape[0],):
+            raise ValueError(f"x and y disagree: x has a batch of {x.shape[0]}, y has shape {list(y.shape)} "
+                             f"(expected [{x.shape[0]}])")
+        lo, hi = int(y.min()), int(y.max())
+        if lo < 0 or hi >= self.num_classes:
+            raise ValueError(f"labels must lie in [0, {self.num_classes}), got values in [{lo}, {hi}]")
+        if self.check_finite:
+            check_finite(x, first.name, self.steps, "input x")
+
+    # ---- inference ----------------------------------------------------------------
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """Logits [B, C] of the whole chain."""
+        if not self.built:
+            self.build(x)
+        self._set_backend(x.device)
+        for node in self.nodes:
+            x = node(x)
+        return x
+
+    @torch.no_grad()
+    def predict(self, x: torch.Tensor, exit_threshold: float | None = None) -> Prediction:
+        """Class predictions, optionally with progressive inference: a sample leaves at
+        the first node whose head's max softmax exceeds ``exit_threshold``; the rest go
+        on to the last node. Without heads (rule bp) every sample exits at the last node.
+
+        x: [B, ...]. Returns Prediction(labels int64 [B], exit_node int64 [B]).
+        """
+        if not self.built:
+            self.build(x)
+        self._set_backend(x.device)
+        last = len(self.nodes) - 1
+        labels = torch.empty(x.shape[0], dtype=torch.int64, device=x.device)
+        exit_node = torch.full_like(labels, last)
+        pending = torch.arange(x.shape[0], device=x.device)
+        h = x
+        for k, node in enumerate(self.nodes):
+            h = node(h)
+            if k == last:
+                labels[pending] = h.argmax(1)
+            elif exit_threshold is not None and node.head is not None:
+                conf, guess = torch.softmax(node.head(h), 1).max(1)
+                leave = conf > exit_threshold
+                labels[pending[leave]], exit_node[pending[leave]] = guess[leave], k
+                pending, h = pending[~leave], h[~leave]
+        return Prediction(labels, exit_node)
+
+    def extra_repr(self) -> str:
+        return f"rule={self.rule!r}, num_classes={self.num_classes}, backend={self.backend_request!r}"
