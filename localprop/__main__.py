@@ -1,0 +1,5 @@
+import sys
+
+from localprop.cli import main
+
+sys.exit(main())
