@@ -103,11 +103,12 @@ class LocalSequential(nn.Module):
             raise ValueError(f"node {last.name}: the last node must output the logits, shape "
                              f"[{self.num_classes}] per sample for num_classes={self.num_classes}, "
                              f"got {list(last.output_shape)}")
-        device = next(self.parameters()).device
         for node in self.nodes:
             node.check_finite = self.check_finite
             if self.rule.uses_heads and node is not last:
-                node.head = heads.default_head(node.output_shape, self.num_classes).to(device)
+                like = next(node.parameters(), None)  # heads live where the node lives, in its dtype
+                head = heads.default_head(node.output_shape, self.num_classes)
+                node.head = head if like is None else head.to(device=like.device, dtype=like.dtype)
         self.rule.attach(self)
         for node in self.nodes:
             node.optimizer = self.optimizer_factory(list(node.parameters()))

@@ -18,10 +18,13 @@ def code(activation: str | None) -> int:
     return CODES[activation]
 
 
-def apply(z: torch.Tensor, activation: str | None) -> torch.Tensor:
-    """sigma(z), the same functions torch.nn.functional computes (GELU: exact erf form)."""
+def apply(z: torch.Tensor, activation: str | None, inplace: bool = False) -> torch.Tensor:
+    """sigma(z), the same functions torch.nn.functional computes (GELU: exact erf form);
+    ``inplace`` overwrites z (not for GELU)."""
     if activation is None:
         return z
+    if inplace:
+        return {"relu": torch.relu_, "tanh": torch.tanh_, "sigmoid": torch.sigmoid_}[activation](z)
     return {"relu": torch.relu, "tanh": torch.tanh, "sigmoid": torch.sigmoid,
             "gelu": torch.nn.functional.gelu}[activation](z)
 
@@ -41,7 +44,7 @@ def unpack_mask(mask: torch.Tensor, n: int) -> torch.Tensor:
     return bits.view(mask.shape[0], -1)[:, :n].bool()
 
 
-def keep_for_grad(z: torch.Tensor, h: torch.Tensor, activation: str | None) -> torch.Tensor:
+def keep_for_grad(z: torch.Tensor, activation: str | None) -> torch.Tensor:
     """What the transform keeps so that sigma'(z) can be formed later (see csrc/activation.h):
     a packed mask for ReLU, z for GELU, and an empty tensor otherwise (tanh and sigmoid
     derive sigma' from h itself)."""
@@ -52,12 +55,18 @@ def keep_for_grad(z: torch.Tensor, h: torch.Tensor, activation: str | None) -> t
     return z.new_empty(0)
 
 
-def grad(h: torch.Tensor, aux: torch.Tensor, activation: str | None) -> torch.Tensor | None:
-    """sigma'(z) as a tensor like ``h`` from (h, aux); None for the identity."""
+def times_grad(g: torch.Tensor, h: torch.Tensor, aux: torch.Tensor, activation: str | None) -> torch.Tensor:
+    """g ⊙ sigma'(z), computed from (h, aux), overwriting g (ReLU: a masked fill, no
+    float copy of the mask)."""
     if activation is None:
-        return None
+        return g
     if activation == "relu":
-        return unpack_mask(aux, h.shape[1]).to(h.dtype)
+        return g.masked_fill_(~unpack_mask(aux, h.shape[1]), 0)
+    return g.mul_(grad(h, aux, activation))
+
+
+def grad(h: torch.Tensor, aux: torch.Tensor, activation: str) -> torch.Tensor:
+    """sigma'(z) as a tensor like ``h`` from (h, aux), for tanh, sigmoid and GELU."""
     if activation == "tanh":
         return 1 - h * h
     if activation == "sigmoid":

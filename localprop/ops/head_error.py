@@ -32,9 +32,8 @@ def head_error_ref(h: torch.Tensor, aux: torch.Tensor, head_weight: torch.Tensor
     dlogits = torch.softmax(logits, dim=1)
     dlogits[torch.arange(len(y), device=y.device), y] -= 1
     dlogits /= len(y)
-    g = dlogits if head_weight is None else dlogits @ head_weight
-    slope = act.grad(h, aux, activation)
-    err = g if slope is None else g * slope
+    g = dlogits.clone() if head_weight is None else dlogits @ head_weight
+    err = act.times_grad(g, h, aux, activation)
     return HeadError(loss, dlogits, err, None if weight is None else err @ weight)
 
 
@@ -43,8 +42,10 @@ def head_error(h, aux, head_weight, head_bias, y, activation, weight=None, *, ba
     if backend == "reference":
         return head_error_ref(h, aux, head_weight, head_bias, y, activation, weight)
     if backend in ("cpp", "cuda"):
-        return HeadError(*torch.ops.localprop.head_error(
-            h, aux, head_weight, head_bias, y, act.code(activation), weight))
+        loss, dlogits, err, message = torch.ops.localprop.head_error(
+            h, aux, head_weight, head_bias, y, act.code(activation), weight)
+        # the schema returns an empty tensor for "no message"; the Python contract is None
+        return HeadError(loss, dlogits, err, None if weight is None else message)
     from localprop.kernels import head_error as triton_head_error
     return HeadError(*triton_head_error.head_error(
         h, aux, head_weight, head_bias, y, act.code(activation), weight))

@@ -17,8 +17,10 @@ def transform_ref(u: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | No
     GELU, an empty tensor otherwise.
     """
     z = F.linear(u, weight, bias)
-    h = act.apply(z, activation)
-    return h, act.keep_for_grad(z, h, activation)
+    aux = act.keep_for_grad(z, activation)
+    # z is dead once aux is taken (GELU keeps z itself), so σ runs in place: one
+    # [B, N] buffer less at the node's peak.
+    return act.apply(z, activation, inplace=activation != "gelu"), aux
 
 
 def transform(u: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,

@@ -1,0 +1,23 @@
+import functools
+
+import pytest
+import torch
+
+import localprop as lp
+
+
+def mlp_nodes(sizes, dtype=torch.float32, activation="relu"):
+    """LocalLinear nodes for layer sizes [in, h1, ..., out]; the last has no activation."""
+    pairs = list(zip(sizes, sizes[1:]))
+    nodes = [lp.LocalLinear(a, b, activation=activation, dtype=dtype) for a, b in pairs[:-1]]
+    return nodes + [lp.LocalLinear(*pairs[-1], activation=None, dtype=dtype)]
+
+
+SGD = functools.partial(torch.optim.SGD, lr=0.1, momentum=0.9)
+
+
+@pytest.fixture
+def batch():
+    """A fresh random batch: x float32 [13, 9], y in [0, 5)."""
+    gen = torch.Generator().manual_seed(1234)
+    return torch.randn(13, 9, generator=gen), torch.randint(0, 5, (13,), generator=gen)

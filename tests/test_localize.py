@@ -1,0 +1,74 @@
+"""localize() on an MLP and a CNN: grouping, heads from the dry run, training in place."""
+import pytest
+import torch
+from torch import nn
+
+import localprop as lp
+from localprop.localize import split_balanced, units
+from tests.conftest import SGD
+
+
+def mlp():
+    return nn.Sequential(nn.Linear(9, 32), nn.ReLU(), nn.Linear(32, 32), nn.ReLU(),
+                         nn.Linear(32, 32), nn.ReLU(), nn.Linear(32, 5))
+
+
+def cnn():
+    return nn.Sequential(nn.Conv2d(1, 4, 3, padding=1), nn.ReLU(), nn.Conv2d(4, 8, 3, padding=1), nn.ReLU(),
+                         nn.MaxPool2d(2), nn.Flatten(), nn.Linear(8 * 16, 5))
+
+
+def test_units_attach_parameter_free_children_to_the_block_before():
+    parts = units(list(mlp()))
+    assert [len(p) for p in parts] == [2, 2, 2, 1]
+    parts = units([nn.Flatten(), nn.Linear(4, 4), nn.ReLU()])
+    assert [len(p) for p in parts] == [3]
+
+
+@pytest.mark.parametrize("k,sizes", [(1, [4]), (2, [2, 2]), (3, [2, 1, 1]), (4, [1, 1, 1, 1])])
+def test_split_balanced(k, sizes):
+    parts = units(list(mlp()))
+    groups = split_balanced(parts, k)
+    assert [len(units(list(g)) if isinstance(g, nn.Sequential) else [g]) for g in groups] == sizes
+
+
+def test_split_rejects_too_many_nodes():
+    with pytest.raises(ValueError, match=r"nodes must lie in \[1, 4\]"):
+        lp.localize(mlp(), num_classes=5, nodes=5)
+
+
+def test_localize_mlp_trains_the_users_model_in_place(batch):
+    x, y = batch
+    model = mlp()
+    before = [p.clone() for p in model.parameters()]
+    net = lp.localize(model, rule="greedy", num_classes=5, optimizer=SGD, nodes=2)
+    assert len(net.nodes) == 2
+    for _ in range(3):
+        stats = net.train_step(x, y)
+    assert set(stats.losses) == {"0", "1"}
+    assert all(not torch.equal(a, b) for a, b in zip(before, model.parameters()))
+    torch.testing.assert_close(net(x), model(x))
+
+
+def test_localize_cnn_builds_pooled_heads_from_dry_run():
+    model = cnn()
+    x, y = torch.randn(6, 1, 8, 8), torch.randint(0, 5, (6,))
+    net = lp.localize(model, num_classes=5, optimizer=SGD, example_input=x)
+    assert len(net.nodes) == 3
+    head0 = net.nodes[0].head
+    assert isinstance(head0[0], nn.AdaptiveAvgPool2d) and head0[-1].in_features == 4 * 4
+    assert net.nodes[-1].head is None
+    losses = [net.train_step(x, y).losses["2"] for _ in range(30)]
+    assert losses[-1] < losses[0]
+
+
+def test_localize_builds_on_first_batch_without_example():
+    net = lp.localize(cnn(), num_classes=5)
+    assert not net.built
+    net.train_step(torch.randn(4, 1, 8, 8), torch.randint(0, 5, (4,)))
+    assert net.built and net.nodes[0].input_shape == (1, 8, 8)
+
+
+def test_localize_rejects_other_models():
+    with pytest.raises(TypeError, match="nn.Sequential or a list"):
+        lp.localize(nn.Linear(3, 3), num_classes=3)
