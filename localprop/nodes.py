@@ -141,6 +141,22 @@ class LocalLinear(Node):
             ops.update(self.optimizer, grads, backend=self.backend)
         return h, out.loss
 
+    def learn_from_output_grad(self, u: torch.Tensor, h: torch.Tensor, aux: torch.Tensor,
+                               g: torch.Tensor, step: int) -> None:
+        """BP-free update of W, b from a goal error g = ∂L/∂h given by the rule (e.g. from
+        an autograd head or critic run on a detached h): ε = g ⊙ σ'(z), then the fused
+        update with dW = εᵀ u. Anything else the rule trains (heads, critics) it steps
+        itself.
+
+        u: [B, K] the node's input; h, aux: from :meth:`transform`; g: [B, N], overwritten.
+        Raises FloatingPointError before any change if g is not finite.
+        """
+        if self.check_finite:
+            check_finite(g, self.name, step, "output gradient")
+        with torch.no_grad():
+            err = act.times_grad(g, h, aux, self.activation)
+            ops.update(self.optimizer, [ops.LinearGrad(self.weight, self.bias, err, u)], backend=self.backend)
+
     def extra_repr(self) -> str:
         return (f"name={self.name!r}, in_features={self.in_features}, out_features={self.out_features}, "
                 f"activation={self.activation!r}, bias={self.bias is not None}")
