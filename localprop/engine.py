@@ -111,7 +111,7 @@ class LocalSequential(nn.Module):
                 node.head = head if like is None else head.to(device=like.device, dtype=like.dtype)
         self.rule.attach(self)
         for node in self.nodes:
-            node.optimizer = self.optimizer_factory(list(node.parameters()))
+            node.optimizer = self.optimizer_factory(self.rule.node_parameters(node))
         self.built = True
 
     # ---- training -----------------------------------------------------------------

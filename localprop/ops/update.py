@@ -26,8 +26,26 @@ def update_ref(optimizer: torch.optim.Optimizer, grads: list[LinearGrad]) -> Non
     optimizer.zero_grad(set_to_none=True)
 
 
+def merge(grads: list[LinearGrad]) -> list[LinearGrad]:
+    """One LinearGrad per parameter: several for the same (weight, bias) sum their
+    gradients, Σ errᵢᵀ inpᵢ = [err₁; err₂]ᵀ [inp₁; inp₂], so they are stacked along the
+    batch (rules such as SGR's finite differences add passes this way)."""
+    groups: dict[int, list[LinearGrad]] = {}
+    for g in grads:
+        groups.setdefault(id(g.weight), []).append(g)
+    merged = []
+    for same in groups.values():
+        if any(g.bias is not same[0].bias for g in same):
+            raise ValueError("update: one weight was given with two different biases")
+        merged.append(same[0] if len(same) == 1 else LinearGrad(
+            same[0].weight, same[0].bias, torch.cat([g.err for g in same]), torch.cat([g.inp for g in same])))
+    return merged
+
+
 def update(optimizer: torch.optim.Optimizer, grads: list[LinearGrad], *, backend: str) -> None:
-    """The local update on ``backend``; same effect as :func:`update_ref`."""
+    """The local update on ``backend``; same effect as :func:`update_ref`. Several
+    LinearGrads of one parameter add up (see :func:`merge`)."""
+    grads = merge(grads)
     if backend == "reference":
         return update_ref(optimizer, grads)
     from . import fused_update

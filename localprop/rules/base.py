@@ -40,6 +40,11 @@ class Rule(abc.ABC):
         engine knows every node's shapes. Modules made here must be registered on ``net``
         (e.g. as ``net.rule_state``) so that state_dict() carries them."""
 
+    def node_parameters(self, node) -> list[torch.nn.Parameter]:
+        """The parameters node.optimizer steps: by default the node's and its head's.
+        A rule whose auxiliary part has an optimizer of its own (critics) excludes it."""
+        return list(node.parameters())
+
     @abc.abstractmethod
     def train_step(self, net: LocalSequential, x: torch.Tensor, y: torch.Tensor, step: int) -> StepResult:
         """Train every node of ``net`` once on the batch (x, y); x and y are validated."""
