@@ -4,13 +4,20 @@
 #include <cmath>
 #include <cstdint>
 
+// The same functions serve the CUDA kernels: under nvcc they are host and device code.
+#ifdef __CUDACC__
+#define LOCALPROP_HOST_DEVICE __host__ __device__
+#else
+#define LOCALPROP_HOST_DEVICE
+#endif
+
 namespace localprop {
 
 enum Activation : int64_t { kNone = 0, kRelu = 1, kTanh = 2, kSigmoid = 3, kGelu = 4 };
 
 // sigma(z). GELU is the exact erf form, as torch.nn.functional.gelu's default.
 template <typename T>
-inline T activate(T z, int64_t act) {
+LOCALPROP_HOST_DEVICE inline T activate(T z, int64_t act) {
   switch (act) {
     case kRelu: return z > T(0) ? z : T(0);
     case kTanh: return std::tanh(z);
@@ -23,7 +30,7 @@ inline T activate(T z, int64_t act) {
 // sigma'(z) written in terms of what the transform keeps: h for tanh and sigmoid
 // (their derivatives are functions of the output), z for GELU.
 template <typename T>
-inline T activation_grad(T h_or_z, int64_t act) {
+LOCALPROP_HOST_DEVICE inline T activation_grad(T h_or_z, int64_t act) {
   switch (act) {
     case kTanh: return T(1) - h_or_z * h_or_z;
     case kSigmoid: return h_or_z * (T(1) - h_or_z);
