@@ -12,3 +12,23 @@ def _transform_fake(u, weight, bias, activation):
     if activation == 4:
         return h, u.new_empty(rows, n)
     return h, u.new_empty(0)
+
+
+@torch.library.register_fake("localprop::head_error")
+def _head_error_fake(h, aux, head_weight, head_bias, y, activation, weight):
+    rows = h.shape[0]
+    classes = h.shape[1] if head_weight is None else head_weight.shape[0]
+    message = h.new_empty(0) if weight is None else h.new_empty(rows, weight.shape[1])
+    return h.new_empty(()), h.new_empty(rows, classes), h.new_empty(h.shape), message
+
+
+@torch.library.register_fake("localprop::sgd_update_")
+def _sgd_update_fake(param, err, inp, momentum_buffer, lr, momentum, dampening, weight_decay,
+                     nesterov, maximize, first_step):
+    return None
+
+
+@torch.library.register_fake("localprop::adam_update_")
+def _adam_update_fake(param, err, inp, exp_avg, exp_avg_sq, lr, beta1, beta2, eps, weight_decay,
+                      decoupled, maximize, step):
+    return None

@@ -1,0 +1,175 @@
+// CPU head-and-error of a node. Two or three GEMMs (logits, g = dlogits A, and the
+// message err W) done by BLAS, and two elementwise passes between them: the
+// softmax-CE pass turns the logits into dlogits in place (no probabilities tensor),
+// and the slope pass turns g into err = g * act'(z) in place.
+#include <ATen/ATen.h>
+#include <ATen/Parallel.h>
+#include <torch/library.h>
+
+#include <vector>
+
+#include "../activation.h"
+
+namespace localprop {
+namespace {
+
+struct HeadErrorArgs {
+  const at::Tensor& h;
+  const at::Tensor& aux;
+  const c10::optional<at::Tensor>& head_weight;
+  const c10::optional<at::Tensor>& head_bias;
+  const at::Tensor& y;
+  int64_t act;
+  const c10::optional<at::Tensor>& weight;
+};
+
+void check_dtype(const char* name, const at::Tensor& t, const at::Tensor& h) {
+  TORCH_CHECK(t.scalar_type() == h.scalar_type(), "head_error: ", name, " must have h's dtype ",
+              h.scalar_type(), ", got ", t.scalar_type());
+}
+
+void check_aux(const HeadErrorArgs& a) {
+  const int64_t rows = a.h.size(0), n = a.h.size(1);
+  if (a.act == kRelu) {
+    TORCH_CHECK(a.aux.scalar_type() == at::kByte && a.aux.dim() == 2 && a.aux.size(0) == rows &&
+                    a.aux.size(1) == (n + 7) / 8,
+                "head_error: ReLU needs aux = the uint8 [", rows, ", ", (n + 7) / 8,
+                "] bit mask from transform, got ", a.aux.scalar_type(), " ", a.aux.sizes());
+  } else if (a.act == kGelu) {
+    TORCH_CHECK(a.aux.dim() == 2 && a.aux.size(0) == rows && a.aux.size(1) == n,
+                "head_error: GELU needs aux = z of shape [", rows, ", ", n, "], got ", a.aux.sizes());
+    check_dtype("aux (z)", a.aux, a.h);
+  }
+}
+
+void check_head_error_args(const HeadErrorArgs& a) {
+  TORCH_CHECK(a.h.dim() == 2 && a.h.size(0) > 0, "head_error: h must be [B, N] with B > 0, got ", a.h.sizes());
+  TORCH_CHECK(a.h.scalar_type() == at::kFloat || a.h.scalar_type() == at::kDouble,
+              "head_error: h must be float32 or float64, got ", a.h.scalar_type());
+  TORCH_CHECK(a.act >= kNone && a.act <= kGelu, "head_error: unknown activation code ", a.act);
+  const int64_t rows = a.h.size(0), n = a.h.size(1);
+  TORCH_CHECK(a.y.dim() == 1 && a.y.size(0) == rows, "head_error: y must be [", rows, "], got ", a.y.sizes());
+  const at::ScalarType yt = a.y.scalar_type();
+  TORCH_CHECK(yt == at::kLong || yt == at::kInt || yt == at::kByte,
+              "head_error: y must be int64, int32 or uint8, got ", yt);
+  TORCH_CHECK(a.head_weight.has_value() || !a.head_bias.has_value(),
+              "head_error: head_bias given without head_weight");
+  if (a.head_weight.has_value()) {
+    const at::Tensor& hw = *a.head_weight;
+    TORCH_CHECK(hw.dim() == 2 && hw.size(1) == n, "head_error: head_weight must be [C, ", n, "], got ", hw.sizes());
+    check_dtype("head_weight", hw, a.h);
+    if (a.head_bias.has_value()) {
+      TORCH_CHECK(a.head_bias->dim() == 1 && a.head_bias->size(0) == hw.size(0), "head_error: head_bias must be [",
+                  hw.size(0), "], got ", a.head_bias->sizes());
+      check_dtype("head_bias", *a.head_bias, a.h);
+    }
+  }
+  if (a.weight.has_value()) {
+    TORCH_CHECK(a.weight->dim() == 2 && a.weight->size(0) == n, "head_error: weight must be [", n,
+                ", K], got ", a.weight->sizes());
+    check_dtype("weight", *a.weight, a.h);
+  }
+  check_aux(a);
+}
+
+// Labels as int64 whatever their dtype, checked against C once here rather than
+// inside the parallel pass, so a bad label is an error before any work is done.
+std::vector<int64_t> checked_labels(const at::Tensor& y, int64_t classes) {
+  const at::Tensor y64 = y.to(at::kLong).contiguous();
+  const int64_t* p = y64.data_ptr<int64_t>();
+  std::vector<int64_t> labels(p, p + y64.numel());
+  for (int64_t label : labels) {
+    TORCH_CHECK(label >= 0 && label < classes, "head_error: labels must lie in [0, ", classes, "), got ", label);
+  }
+  return labels;
+}
+
+// One row pass: logits -> dlogits = (softmax - onehot) / B in place, and each row's
+// loss logsumexp - logit[y] into row_loss. Everything is computed in double and
+// rounded once on the store, so float32 results carry a single rounding; exp is
+// evaluated twice per element instead of keeping a probabilities buffer (C is small).
+template <typename T>
+void softmax_ce_rows(T* x, const int64_t* labels, int64_t rows, int64_t classes, double* row_loss) {
+  at::parallel_for(0, rows, 16, [&](int64_t r0, int64_t r1) {
+    for (int64_t r = r0; r < r1; ++r) {
+      T* row = x + r * classes;
+      T top_t = row[0];
+      for (int64_t j = 1; j < classes; ++j) top_t = std::max(top_t, row[j]);
+      const double top = double(top_t);
+      double sum = 0;
+      for (int64_t j = 0; j < classes; ++j) sum += std::exp(double(row[j]) - top);
+      row_loss[r] = std::log(sum) + top - double(row[labels[r]]);
+      const double scale = 1.0 / (sum * double(rows));
+      const T target = T(std::exp(double(row[labels[r]]) - top) * scale - 1.0 / double(rows));
+      for (int64_t j = 0; j < classes; ++j) row[j] = T(std::exp(double(row[j]) - top) * scale);
+      row[labels[r]] = target;
+    }
+  });
+}
+
+// err *= act'(z) in place. slope_src is h (tanh, sigmoid), z (GELU) or the packed
+// ReLU mask; all are contiguous [B, N] (mask: [B, ceil(N/8)]).
+template <typename T>
+void apply_slope(T* err, const void* slope_src, int64_t rows, int64_t n, int64_t act) {
+  at::parallel_for(0, rows, 16, [&](int64_t r0, int64_t r1) {
+    for (int64_t r = r0; r < r1; ++r) {
+      T* e = err + r * n;
+      if (act == kRelu) {
+        const uint8_t* m = static_cast<const uint8_t*>(slope_src) + r * ((n + 7) / 8);
+        for (int64_t j = 0; j < n; ++j) e[j] = (m[j >> 3] >> (j & 7)) & 1 ? e[j] : T(0);
+      } else {
+        const T* s = static_cast<const T*>(slope_src) + r * n;
+        for (int64_t j = 0; j < n; ++j) e[j] *= activation_grad(s[j], act);
+      }
+    }
+  });
+}
+
+// Logits into a fresh contiguous tensor that the CE pass may overwrite.
+at::Tensor fresh_logits(const HeadErrorArgs& a) {
+  if (!a.head_weight.has_value()) return a.h.clone(at::MemoryFormat::Contiguous);
+  const at::Tensor at_ = a.head_weight->t();
+  return a.head_bias.has_value() ? at::addmm(*a.head_bias, a.h, at_) : at::mm(a.h, at_);
+}
+
+// What act'(z) is computed from, made contiguous (a no-op for the transform's own outputs).
+at::Tensor slope_source(const HeadErrorArgs& a) {
+  if (a.act == kRelu || a.act == kGelu) return a.aux.contiguous();
+  return a.h.contiguous();
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> head_error_cpu(
+    const at::Tensor& h, const at::Tensor& aux, const c10::optional<at::Tensor>& head_weight,
+    const c10::optional<at::Tensor>& head_bias, const at::Tensor& y, int64_t act,
+    const c10::optional<at::Tensor>& weight) {
+  const HeadErrorArgs a{h, aux, head_weight, head_bias, y, act, weight};
+  check_head_error_args(a);
+  const int64_t rows = h.size(0), n = h.size(1);
+  at::Tensor dlogits = fresh_logits(a);
+  const int64_t classes = dlogits.size(1);
+  const std::vector<int64_t> labels = checked_labels(y, classes);
+  std::vector<double> row_loss(rows);
+  at::Tensor loss;
+  AT_DISPATCH_FLOATING_TYPES(h.scalar_type(), "head_error_cpu_ce", [&] {
+    softmax_ce_rows<scalar_t>(dlogits.data_ptr<scalar_t>(), labels.data(), rows, classes, row_loss.data());
+    double total = 0;  // summed in row order so the loss is deterministic
+    for (double l : row_loss) total += l;
+    loss = at::scalar_tensor(total / double(rows), h.options());
+  });
+  // Without a head, g is dlogits itself; err still gets its own storage.
+  at::Tensor err = head_weight.has_value() ? at::mm(dlogits, *head_weight) : dlogits.clone();
+  if (act != kNone) {
+    const at::Tensor src = slope_source(a);
+    AT_DISPATCH_FLOATING_TYPES(h.scalar_type(), "head_error_cpu_slope", [&] {
+      apply_slope<scalar_t>(err.data_ptr<scalar_t>(), src.data_ptr(), rows, n, act);
+    });
+  }
+  at::Tensor message = weight.has_value() ? at::mm(err, *weight) : at::empty({0}, h.options());
+  return {loss, dlogits, err, message};
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(localprop, CPU, m) { m.impl("head_error", &head_error_cpu); }
+
+}  // namespace localprop
