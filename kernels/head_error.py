@@ -190,3 +190,13 @@ def head_error(h: torch.Tensor, aux: torch.Tensor, head_weight: torch.Tensor | N
     message = h.new_empty(rows, weight.shape[1])
     _grad_matmul(err, weight, h, aux, NONE, message)
     return loss, dlogits, err, message
+
+
+@head_error.register_fake
+def _(h, aux, head_weight, head_bias, y, activation, weight):
+    # Explicit, because triton_op's traced body would run the kernels themselves under
+    # TRITON_INTERPRET (wrap_triton does not intercept interpreted kernels).
+    rows, n = h.shape
+    classes = n if head_weight is None else head_weight.shape[0]
+    message = h.new_empty(0) if weight is None else h.new_empty(rows, weight.shape[1])
+    return h.new_empty(()), h.new_empty(rows, classes), h.new_empty(rows, n), message

@@ -117,3 +117,13 @@ def transform(u: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
         ACC_DTYPE=tl.float64 if u.dtype == torch.float64 else tl.float32,
         BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k)
     return h, aux
+
+
+@transform.register_fake
+def _(u, weight, bias, activation):
+    # Explicit, because triton_op's traced body would run the kernel itself under
+    # TRITON_INTERPRET (wrap_triton does not intercept interpreted kernels).
+    rows, n = u.shape[0], weight.shape[0]
+    if activation == RELU:
+        return u.new_empty(rows, n), u.new_empty(rows, (n + 7) // 8, dtype=torch.uint8)
+    return u.new_empty(rows, n), u.new_empty(rows, n) if activation == GELU else u.new_empty(0)

@@ -218,3 +218,17 @@ def adam_update_(param: torch.Tensor, err: torch.Tensor, inp: torch.Tensor | Non
                lr / (1 - beta1 ** step), math.sqrt(1 - beta2 ** step)),
         rows, n, k, *_as_2d(param), *_as_2d(exp_avg), *_as_2d(exp_avg_sq), *s["strides"],
         WEIGHT_DECAY=weight_decay != 0, DECOUPLED=decoupled, MAXIMIZE=maximize, **s["meta"])
+
+
+# Explicit fakes, because triton_op's traced body would run the kernels themselves under
+# TRITON_INTERPRET (wrap_triton does not intercept interpreted kernels). Both ops only
+# mutate their arguments.
+@sgd_update_.register_fake
+def _(param, err, inp, momentum_buffer, lr, momentum, dampening, weight_decay, nesterov, maximize,
+      first_step):
+    return None
+
+
+@adam_update_.register_fake
+def _(param, err, inp, exp_avg, exp_avg_sq, lr, beta1, beta2, eps, weight_decay, decoupled, maximize, step):
+    return None
