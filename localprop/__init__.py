@@ -12,11 +12,12 @@ Importing localprop never initialises CUDA.
 """
 from . import memory, ops, rules
 from .engine import LocalSequential, Prediction
+from .graph import LocalGraph
 from .localize import localize
 from .nodes import LocalLinear, ModuleNode, Node
 from .ops import BackendUnavailable
 
 __version__ = "0.1.0"
 
-__all__ = ["LocalSequential", "LocalLinear", "ModuleNode", "Node", "Prediction", "localize",
+__all__ = ["LocalSequential", "LocalGraph", "LocalLinear", "ModuleNode", "Node", "Prediction", "localize",
            "memory", "ops", "rules", "BackendUnavailable", "__version__"]

@@ -17,6 +17,7 @@ from . import heads, rules
 from .errors import check_finite
 from .nodes import LocalLinear, ModuleNode, Node
 from .ops import backends
+from .topology import Goal, Topology
 
 OptimizerFactory = Callable[[Iterable[nn.Parameter]], torch.optim.Optimizer]
 
@@ -131,6 +132,17 @@ class LocalSequential(nn.Module):
             self._backend_for[device] = backends.resolve(self.backend_request, device)
         for node in self.nodes:
             node.backend = self._backend_for[device]
+
+    def topology(self) -> Topology:
+        """The chain as a graph: node k reads node k-1 (node 0 reads "x"); the last node
+        is the goal, cross-entropy against "y"."""
+        names = [n.name for n in self.nodes]
+        inputs = {name: [prev] for prev, name in zip(["x"] + names, names)}
+        return Topology(list(self.nodes), inputs, {names[-1]: Goal(names[-1], "y")})
+
+    def feeds(self, x: torch.Tensor, y: torch.Tensor) -> tuple[dict, dict]:
+        """The batch as graph rules see it: ({"x": x}, {"y": y})."""
+        return {"x": x}, {"y": y}
 
     @property
     def backend(self) -> str:

@@ -153,8 +153,24 @@ class LocalLinear(Node):
         """
         if self.check_finite:
             check_finite(g, self.name, step, "output gradient")
+        self.apply_error(u, self.error(g, h, aux))
+
+    def error(self, g: torch.Tensor, h: torch.Tensor, aux: torch.Tensor) -> torch.Tensor:
+        """The nonlinear error ε = g ⊙ σ'(z) [B, N] from the goal error g [B, N] (overwritten)
+        and what :meth:`transform` returned."""
         with torch.no_grad():
-            err = act.times_grad(g, h, aux, self.activation)
+            return act.times_grad(g, h, aux, self.activation)
+
+    def goal_error(self, h: torch.Tensor, aux: torch.Tensor, y: torch.Tensor, message: bool) -> ops.HeadError:
+        """Cross-entropy of h itself as logits against labels y [B]: the loss, ∂L/∂h, ε and,
+        with ``message``, ε W for the predecessors (all in one fused op)."""
+        with torch.no_grad():
+            return ops.head_error(h, aux, None, None, y, self.activation,
+                                  self.weight if message else None, backend=self.backend)
+
+    def apply_error(self, u: torch.Tensor, err: torch.Tensor) -> None:
+        """Fused update of W, b by the node's optimizer with dW = errᵀ u, db = Σ_b err."""
+        with torch.no_grad():
             ops.update(self.optimizer, [ops.LinearGrad(self.weight, self.bias, err, u)], backend=self.backend)
 
     def extra_repr(self) -> str:

@@ -4,12 +4,14 @@ from __future__ import annotations
 from .base import LocalRule, Rule, StepResult
 from .bp import BP
 from .greedy import Greedy
+from .locprop import LocProp
 
 #: rule name -> factory with working defaults
 REGISTRY = {
     "bp": lambda: BP(),
     "bp+checkpoint": lambda: BP(checkpoint=True),
     "greedy": lambda: Greedy(),
+    "locprop": lambda: LocProp(),
 }
 
 
@@ -22,4 +24,4 @@ def resolve(rule: str | Rule) -> Rule:
     raise ValueError(f"unknown rule {rule!r}; expected a Rule instance or one of {', '.join(REGISTRY)}")
 
 
-__all__ = ["Rule", "LocalRule", "StepResult", "BP", "Greedy", "REGISTRY", "resolve"]
+__all__ = ["Rule", "LocalRule", "StepResult", "BP", "Greedy", "LocProp", "REGISTRY", "resolve"]

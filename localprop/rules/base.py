@@ -34,6 +34,8 @@ class Rule(abc.ABC):
     name: ClassVar[str]
     #: True if nodes other than the last need an auxiliary head (built by the engine)
     uses_heads: ClassVar[bool] = False
+    #: True if the rule trains any DAG (LocalGraph), not only chains (LocalSequential)
+    graphs: ClassVar[bool] = False
 
     def attach(self, net: LocalSequential) -> None:
         """Build the rule's own state on ``net`` (critics, feedback networks, ...) once the

@@ -4,10 +4,10 @@ from __future__ import annotations
 import math
 
 import torch
-import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
 from ..errors import check_finite
+from ..topology import goal_loss, run_forward
 from .base import Rule, StepResult
 
 
@@ -27,6 +27,7 @@ class BP(Rule):
 
     name = "bp"
     uses_heads = False
+    graphs = True
 
     def __init__(self, checkpoint: bool = False, segment: int | None = None) -> None:
         if segment is not None and segment < 1:
@@ -34,26 +35,31 @@ class BP(Rule):
         self.checkpoint, self.segment = checkpoint, segment
         self.name = "bp+checkpoint" if checkpoint else "bp"
 
-    def forward_loss(self, net, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-        """Final cross-entropy with the whole autograd graph kept (or checkpointed)."""
-        if not self.checkpoint:
-            h = x
-            for node in net.nodes:
-                h = node(h)
-            return F.cross_entropy(h, y)
-        size = self.segment or math.ceil(math.sqrt(len(net.nodes)))
-        h = x
-        for start in range(0, len(net.nodes), size):
-            h = checkpoint(_run_nodes, net.nodes[start:start + size], h, use_reentrant=False)
-        return F.cross_entropy(h, y)
+    def forward_loss(self, net, x, y) -> torch.Tensor:
+        """Sum of the goal losses with the whole autograd graph kept (or checkpointed).
+        x, y: tensors (LocalSequential) or dicts of them (LocalGraph)."""
+        topo = net.topology()
+        feeds, targets = net.feeds(x, y)
+        if self.checkpoint and topo.is_chain():
+            size = self.segment or math.ceil(math.sqrt(len(topo.order)))
+            h = feeds[topo.inputs[topo.order[0].name][0]]
+            for start in range(0, len(topo.order), size):
+                h = checkpoint(_run_nodes, topo.order[start:start + size], h, use_reentrant=False)
+            values = {topo.order[-1].name: h}
+        else:
+            call = (lambda node, u: checkpoint(node, u, use_reentrant=False)) if self.checkpoint else \
+                (lambda node, u: node(u))
+            values = run_forward(topo, feeds, call)
+        return sum(goal_loss(g.loss, values[name], targets[g.target]) for name, g in topo.goals.items())
 
     def train_step(self, net, x, y, step):
         loss = self.forward_loss(net, x, y)
-        last = net.nodes[-1].name
+        topo = net.topology()
+        last = topo.order[-1].name if len(topo.goals) == 1 else "+".join(topo.goals)
         if net.check_finite:
             check_finite(loss, last, step, "loss")
         loss.backward()
-        for node in net.nodes:
+        for node in topo.order:
             node.optimizer.step()
             node.optimizer.zero_grad(set_to_none=True)
         return StepResult(step, {last: float(loss.detach())})
