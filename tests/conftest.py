@@ -1,7 +1,13 @@
 import functools
+import os
 
 import pytest
 import torch
+
+# Without CUDA, Triton kernels run in Triton's interpreter, which is chosen when a kernel
+# is first imported: set it before any test module can import localprop.kernels.
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
 
 import localprop as lp
 

@@ -42,10 +42,10 @@ def head_error(h, aux, head_weight, head_bias, y, activation, weight=None, *, ba
     if backend == "reference":
         return head_error_ref(h, aux, head_weight, head_bias, y, activation, weight)
     if backend in ("cpp", "cuda"):
-        loss, dlogits, err, message = torch.ops.localprop.head_error(
-            h, aux, head_weight, head_bias, y, act.code(activation), weight)
-        # the schema returns an empty tensor for "no message"; the Python contract is None
-        return HeadError(loss, dlogits, err, None if weight is None else message)
-    from localprop.kernels import head_error as triton_head_error
-    return HeadError(*triton_head_error.head_error(
-        h, aux, head_weight, head_bias, y, act.code(activation), weight))
+        out = torch.ops.localprop.head_error(h, aux, head_weight, head_bias, y, act.code(activation), weight)
+    else:
+        from localprop.kernels import head_error as triton_head_error
+        out = triton_head_error.head_error(h, aux, head_weight, head_bias, y, act.code(activation), weight)
+    loss, dlogits, err, message = out
+    # the kernels return an empty tensor for "no message"; the Python contract is None
+    return HeadError(loss, dlogits, err, None if weight is None else message)
