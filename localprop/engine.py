@@ -6,6 +6,7 @@ objective, messages or schedule.
 """
 from __future__ import annotations
 
+import copy
 import functools
 from dataclasses import dataclass
 from typing import Callable, Iterable
@@ -29,7 +30,25 @@ DEFAULT_OPTIMIZER: OptimizerFactory = functools.partial(torch.optim.SGD, lr=0.05
 class Prediction:
     """What :meth:`LocalSequential.predict` returns."""
     labels: torch.Tensor     #: int64 [B] predicted class
-    exit_node: torch.Tensor  #: int64 [B] index of the node whose head answered
+    exit_node: torch.Tensor  #: int64 [B] index of the node whose head answered (the last: the main output)
+    #: FLOPs spent per sample, averaged over the batch, as a fraction of one full forward
+    #: pass through every node (heads not counted in the denominator; those evaluated on
+    #: the way are counted in the numerator, so an ensemble costs more than 1)
+    flops_fraction: float = 1.0
+    #: [B, C] with ``ensemble=True``: the sum of the heads' and the main output's softmax
+    scores: torch.Tensor | None = None
+
+
+@dataclass
+class Flops:
+    """Forward FLOPs per sample of each node and of each node's head (0 without one)."""
+    nodes: list[int]
+    heads: list[int]
+
+    @property
+    def full(self) -> int:
+        """One forward pass of the whole chain, heads excluded."""
+        return sum(self.nodes)
 
 
 class LocalSequential(nn.Module):
@@ -69,6 +88,7 @@ class LocalSequential(nn.Module):
         self._backend_for: dict[torch.device, str] = {}
         self.steps = 0
         self.built = False
+        self._flops: Flops | None = None
         if all(n.input_shape is not None for n in self.nodes):
             self._check_chain()
             self._finish_build()
@@ -182,31 +202,110 @@ class LocalSequential(nn.Module):
         return x
 
     @torch.no_grad()
-    def predict(self, x: torch.Tensor, exit_threshold: float | None = None) -> Prediction:
-        """Class predictions, optionally with progressive inference: a sample leaves at
-        the first node whose head's max softmax exceeds ``exit_threshold``; the rest go
-        on to the last node. Without heads (rule bp) every sample exits at the last node.
+    def predict(self, x: torch.Tensor, exit_threshold: float | None = None, ensemble: bool = False) -> Prediction:
+        """Class predictions of the chain, with two options that use the per-node heads:
 
-        x: [B, ...]. Returns Prediction(labels int64 [B], exit_node int64 [B]).
+        - ``exit_threshold=t`` (progressive inference): a sample leaves at the first node
+          whose head's max softmax exceeds t; the rest go on to the last node;
+        - ``ensemble=True``: every sample runs through every node and head, and its
+          label is the argmax of the sum of the heads' and the main output's softmax.
+
+        Without heads (rule bp) every sample exits at the last node. x: [B, ...].
+        Returns a :class:`Prediction` (labels and exit_node int64 [B], flops_fraction).
         """
+        if exit_threshold is not None and ensemble:
+            raise ValueError("predict: give exit_threshold or ensemble=True, not both")
+        if exit_threshold is not None and not 0 <= exit_threshold <= 1:
+            raise ValueError(f"predict: exit_threshold must lie in [0, 1] (a softmax probability), "
+                             f"got {exit_threshold!r}")
         if not self.built:
             self.build(x)
         self._set_backend(x.device)
-        last = len(self.nodes) - 1
+        if ensemble:
+            return self._ensemble(x)
+        flops, last = self.flops(), len(self.nodes) - 1
         labels = torch.empty(x.shape[0], dtype=torch.int64, device=x.device)
         exit_node = torch.full_like(labels, last)
+        spent = torch.zeros(x.shape[0], dtype=torch.float64, device=x.device)
         pending = torch.arange(x.shape[0], device=x.device)
         h = x
         for k, node in enumerate(self.nodes):
             h = node(h)
+            spent[pending] += flops.nodes[k]
             if k == last:
                 labels[pending] = h.argmax(1)
             elif exit_threshold is not None and node.head is not None:
+                spent[pending] += flops.heads[k]
                 conf, guess = torch.softmax(node.head(h), 1).max(1)
                 leave = conf > exit_threshold
                 labels[pending[leave]], exit_node[pending[leave]] = guess[leave], k
                 pending, h = pending[~leave], h[~leave]
-        return Prediction(labels, exit_node)
+        return Prediction(labels, exit_node, float(spent.mean()) / flops.full)
+
+    def _ensemble(self, x: torch.Tensor) -> Prediction:
+        flops = self.flops()
+        scores, h = 0, x
+        for node in self.nodes:
+            h = node(h)
+            if node.head is not None:
+                scores = scores + torch.softmax(node.head(h), 1)
+        scores = scores + torch.softmax(h, 1)
+        labels = scores.argmax(1)
+        return Prediction(labels, torch.full_like(labels, len(self.nodes) - 1),
+                          (flops.full + sum(flops.heads)) / flops.full, scores)
+
+    def flops(self) -> Flops:
+        """Forward FLOPs per sample of every node and head, counted once by
+        torch.utils.flop_counter on a dry run of two samples (then cached). Fused nodes
+        are counted through their plain PyTorch forward, the same arithmetic."""
+        if self._flops is None:
+            if not self.built:
+                raise RuntimeError("flops(): build the network first (build(x) or a first batch)")
+            self._flops = self._count_flops()
+        return self._flops
+
+    def _count_flops(self) -> Flops:
+        from torch.utils.flop_counter import FlopCounterMode
+
+        like = next(self.parameters())
+        h = torch.zeros(2, *self.nodes[0].input_shape, dtype=like.dtype, device=like.device)
+        modes = [m.training for m in self.modules()]
+        self.eval()  # batch-statistics layers must not change (nor fail on two samples)
+        nodes, head_flops = [], []
+        # grad mode on, so that fused nodes take their autograd forward, which the counter sees
+        with torch.enable_grad():
+            for node in self.nodes:
+                with FlopCounterMode(display=False) as counter:
+                    h = node(h)
+                nodes.append(counter.get_total_flops() // 2)
+                with FlopCounterMode(display=False) as counter:
+                    if node.head is not None:
+                        node.head(h)
+                head_flops.append(counter.get_total_flops() // 2)
+        for m, mode in zip(self.modules(), modes):
+            m.training = mode
+        return Flops(nodes, head_flops)
+
+    def submodel(self, k: int) -> nn.Sequential:
+        """Nodes 0..k followed by head k, as a standalone ``nn.Sequential`` of deep copies
+        (independent of this network, without optimizers or other heads); for k = the
+        last node, the whole chain. Input [B, ...] -> logits [B, C]."""
+        if not self.built:
+            raise RuntimeError("submodel(): build the network first (build(x) or a first batch)")
+        last = len(self.nodes) - 1
+        if not isinstance(k, int) or not 0 <= k <= last:
+            raise ValueError(f"submodel: k must be a node index in [0, {last}], got {k!r}")
+        if k < last and self.nodes[k].head is None:
+            raise ValueError(f"submodel: node {k} has no head (rule {self.rule.name!r} builds none)")
+        parts = [_standalone(node) for node in self.nodes[:k + 1]]
+        if k < last:
+            parts.append(copy.deepcopy(self.nodes[k].head))
+        return nn.Sequential(*parts)
 
     def extra_repr(self) -> str:
         return f"rule={self.rule!r}, num_classes={self.num_classes}, backend={self.backend_request!r}"
+
+
+def _standalone(node: Node) -> Node:
+    """A deep copy of ``node`` without its head and optimizer."""
+    return copy.deepcopy(node, memo={id(node.head): None, id(node.optimizer): None})

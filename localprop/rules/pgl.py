@@ -1,0 +1,63 @@
+"""Periodic global guidance (after Bhatti & Moon, arXiv 2208.00821).
+
+The paper's schedule could not be read; the one here (one global step per period,
+the final loss only) is the library's own reading of its abstract.
+"""
+from __future__ import annotations
+
+from .base import Rule, StepResult
+from .bp import BP
+
+
+class PGL(Rule):
+    """A schedule around a local rule: on every ``period``-th step (steps period−1,
+    2·period−1, ...) one global step, end-to-end backprop of the last node's
+    cross-entropy through every node (heads untouched) and one step of every node's
+    optimizer; on all other steps the local rule's step.
+
+    The local rule's heads and state stay in place across global steps (``uses_heads``,
+    :meth:`attach` and :meth:`node_parameters` are the local rule's), so its critics or
+    feedback networks are simply not trained on a global step.
+
+    Args:
+        local: the local rule, a name ("greedy", "sgr", "critic", "bll") or a Rule (default "greedy").
+        period: steps per global step, an int >= 1 (default 4; period 1 is plain bp).
+        checkpoint: activation checkpointing in the global step (default True), so that its
+            peak memory stays near the local steps' (see BP's ``segment``).
+        segment: nodes per checkpointed segment (default: BP's ceil(sqrt(K))).
+
+    StepResult.extra["global"]: True on global steps, False on local ones.
+    """
+
+    name = "pgl"
+
+    def __init__(self, local="greedy", period: int = 4, checkpoint: bool = True, segment: int | None = None) -> None:
+        from . import resolve  # the registry imports this module
+
+        if not isinstance(period, int) or period < 1:
+            raise ValueError(f"PGL: period must be an int >= 1 (steps per global step), got {period!r}")
+        self.local = resolve(local)
+        if isinstance(self.local, (BP, PGL)):
+            raise ValueError(f"PGL: local must be a local rule (greedy, sgr, critic, bll, ...), "
+                             f"got {self.local.name!r}")
+        self.period = period
+        self.global_rule = BP(checkpoint=checkpoint, segment=segment)
+        self.uses_heads = self.local.uses_heads
+
+    def attach(self, net) -> None:
+        self.local.attach(net)
+
+    def node_parameters(self, node):
+        return self.local.node_parameters(node)
+
+    def is_global(self, step: int) -> bool:
+        return step % self.period == self.period - 1
+
+    def train_step(self, net, x, y, step) -> StepResult:
+        is_global = self.is_global(step)
+        result = (self.global_rule if is_global else self.local).train_step(net, x, y, step)
+        result.extra["global"] = is_global
+        return result
+
+    def __repr__(self) -> str:
+        return f"PGL(local={self.local!r}, period={self.period}, global_rule={self.global_rule!r})"
