@@ -84,13 +84,17 @@ std::vector<int64_t> checked_labels(const at::Tensor& y, int64_t classes) {
   return labels;
 }
 
+// Rows per parallel chunk: ATen's grain of elements, so that small passes (a head
+// of 10 classes) run inline instead of paying for a thread barrier.
+int64_t grain_rows(int64_t cols) { return std::max<int64_t>(1, at::internal::GRAIN_SIZE / std::max<int64_t>(cols, 1)); }
+
 // One row pass: logits -> dlogits = (softmax - onehot) / B in place, and each row's
 // loss logsumexp - logit[y] into row_loss. Everything is computed in double and
 // rounded once on the store, so float32 results carry a single rounding; exp is
 // evaluated twice per element instead of keeping a probabilities buffer (C is small).
 template <typename T>
 void softmax_ce_rows(T* x, const int64_t* labels, int64_t rows, int64_t classes, double* row_loss) {
-  at::parallel_for(0, rows, 16, [&](int64_t r0, int64_t r1) {
+  at::parallel_for(0, rows, grain_rows(classes), [&](int64_t r0, int64_t r1) {
     for (int64_t r = r0; r < r1; ++r) {
       T* row = x + r * classes;
       T top_t = row[0];
@@ -111,7 +115,7 @@ void softmax_ce_rows(T* x, const int64_t* labels, int64_t rows, int64_t classes,
 // ReLU mask; all are contiguous [B, N] (mask: [B, ceil(N/8)]).
 template <typename T>
 void apply_slope(T* err, const void* slope_src, int64_t rows, int64_t n, int64_t act) {
-  at::parallel_for(0, rows, 16, [&](int64_t r0, int64_t r1) {
+  at::parallel_for(0, rows, grain_rows(n), [&](int64_t r0, int64_t r1) {
     for (int64_t r = r0; r < r1; ++r) {
       T* e = err + r * n;
       if (act == kRelu) {

@@ -1,8 +1,8 @@
 // CPU local updates with torch.optim's exact formulas (SGD; Adam and AdamW), applied
 // in place with the gradient given by its factors. A weight's gradient err^T inp is
-// formed one row tile at a time into a small reusable buffer (BLAS, multithreaded)
-// and consumed at once by a parallel elementwise optimizer pass while the tile is
-// still in cache, so the whole [N, K] gradient is never materialised.
+// formed one row tile at a time into a small per-thread buffer (BLAS) and consumed at
+// once by the elementwise optimizer step while the tile is still in cache, so the
+// whole [N, K] gradient is never materialised.
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 #include <torch/library.h>
@@ -12,55 +12,84 @@
 namespace localprop {
 namespace {
 
-// Bytes of gradient per tile. Measured on a 2-core AVX-512 Xeon, float32, B = 256,
-// SGD with momentum on a 1024 x 1024 weight: 128 KiB tiles are as fast as any
-// larger size, and smaller tiles lose to GEMM call overhead.
-constexpr int64_t kTileBytes = 128 * 1024;
+// Bytes of gradient per tile (see tile_rows): a tile and the parameter and state rows
+// it updates stay in a core's L2. Measured on a 2-core AVX-512 Xeon, B = 256, float32
+// SGD with momentum on a 1024 x 1024 weight: the fused update takes 2.25 ms against
+// 1.72 ms for the bare gradient GEMM and 2.39 ms for GEMM + torch's foreach SGD.
+constexpr int64_t kTileBytes = 256 * 1024;
 constexpr int64_t kMinTileRows = 8;
 
-// The SGD hyperparameters, already cast to the parameter's dtype as torch.optim's
-// kernels cast Python scalars.
-template <typename T>
-struct Sgd {
-  T lr, momentum, dampening, weight_decay;
-  bool nesterov, maximize, first_step, has_momentum;
+// The optimizer loops below run over one tile: `count` elements of param (and its
+// state) and the matching gradient g. Every flag is a template parameter so that each
+// loop is branch-free and vectorises; the pointers never alias. maximize is a factor
+// sign = -1 on g (exact). Scalars are formed in double as torch.optim forms them in
+// Python, then cast to the parameter's dtype as ATen casts them.
 
-  // One element, in torch.optim.SGD's order of operations (_single_tensor_sgd).
-  inline void apply(T& p, T* buf, T g) const {
-    T d = maximize ? -g : g;
-    if (weight_decay != T(0)) d = d + weight_decay * p;
-    if (has_momentum) {
-      const T b = first_step ? d : *buf * momentum + (T(1) - dampening) * d;
-      *buf = b;
-      d = nesterov ? d + momentum * b : b;
-    }
-    p = p + (-lr) * d;
-  }
+template <typename T>
+struct SgdScalars {
+  T sign, neg_lr, momentum, one_minus_dampening, weight_decay;
 };
 
-// The Adam / AdamW hyperparameters with the bias corrections of this step folded in.
-template <typename T>
-struct Adam {
-  T lr_wd_keep, one_minus_beta1, beta2, one_minus_beta2, weight_decay, bias_correction2_sqrt, eps, neg_step_size;
-  bool decoupled, maximize;
+enum MomentumMode { kNoMomentum = 0, kFirstStep = 1, kRunning = 2 };
 
-  // One element, in torch.optim.Adam's order of operations (_single_tensor_adam).
-  inline void apply(T& p, T& m, T& v, T g) const {
-    T d = maximize ? -g : g;
-    if (weight_decay != T(0)) {
-      if (decoupled) {
-        p = p * lr_wd_keep;
-      } else {
-        d = d + weight_decay * p;
-      }
+// torch.optim.SGD's order of operations (_single_tensor_sgd), one element at a time.
+template <typename T, bool kDecay, int kMomentum, bool kNesterov>
+void sgd_loop(T* __restrict__ p, T* __restrict__ buf, const T* __restrict__ g, int64_t count,
+              const SgdScalars<T>& s) {
+  for (int64_t i = 0; i < count; ++i) {
+    T d = s.sign * g[i];
+    if constexpr (kDecay) d = d + s.weight_decay * p[i];
+    if constexpr (kMomentum != kNoMomentum) {
+      const T b = kMomentum == kFirstStep ? d : buf[i] * s.momentum + s.one_minus_dampening * d;
+      buf[i] = b;
+      d = kNesterov ? d + s.momentum * b : b;
     }
-    // lerp as ATen computes it, which switches formula at weight 0.5
-    m = one_minus_beta1 < T(0.5) ? m + one_minus_beta1 * (d - m) : d - (d - m) * (T(1) - one_minus_beta1);
-    v = v * beta2 + one_minus_beta2 * d * d;
-    const T denom = std::sqrt(v) / bias_correction2_sqrt + eps;
-    p = p + neg_step_size * m / denom;
+    p[i] = p[i] + s.neg_lr * d;
   }
+}
+
+template <typename T>
+using SgdLoop = void (*)(T*, T*, const T*, int64_t, const SgdScalars<T>&);
+
+template <typename T, bool kDecay>
+SgdLoop<T> pick_sgd_loop(int mode, bool nesterov) {
+  if (mode == kNoMomentum) return &sgd_loop<T, kDecay, kNoMomentum, false>;
+  if (mode == kFirstStep) return nesterov ? &sgd_loop<T, kDecay, kFirstStep, true> : &sgd_loop<T, kDecay, kFirstStep, false>;
+  return nesterov ? &sgd_loop<T, kDecay, kRunning, true> : &sgd_loop<T, kDecay, kRunning, false>;
+}
+
+template <typename T>
+struct AdamScalars {
+  T sign, decay_keep, weight_decay, lerp_weight, one_minus_lerp_weight, beta2, one_minus_beta2,
+      bias_correction2_sqrt, eps, neg_step_size;
 };
+
+enum DecayMode { kNoDecay = 0, kL2 = 1, kDecoupled = 2 };
+
+// torch.optim.Adam's order of operations (_single_tensor_adam), one element at a time.
+// kLerpLow: exp_avg.lerp_(d, w) as ATen computes it, whose formula depends on w < 0.5.
+template <typename T, int kDecay, bool kLerpLow>
+void adam_loop(T* __restrict__ p, T* __restrict__ m, T* __restrict__ v, const T* __restrict__ g, int64_t count,
+               const AdamScalars<T>& s) {
+  for (int64_t i = 0; i < count; ++i) {
+    T d = s.sign * g[i];
+    if constexpr (kDecay == kDecoupled) p[i] = p[i] * s.decay_keep;
+    if constexpr (kDecay == kL2) d = d + s.weight_decay * p[i];
+    m[i] = kLerpLow ? m[i] + s.lerp_weight * (d - m[i]) : d - (d - m[i]) * s.one_minus_lerp_weight;
+    v[i] = v[i] * s.beta2 + s.one_minus_beta2 * d * d;
+    const T denom = std::sqrt(v[i]) / s.bias_correction2_sqrt + s.eps;
+    p[i] = p[i] + s.neg_step_size * m[i] / denom;
+  }
+}
+
+template <typename T>
+using AdamLoop = void (*)(T*, T*, T*, const T*, int64_t, const AdamScalars<T>&);
+
+template <typename T, bool kLerpLow>
+AdamLoop<T> pick_adam_loop(int decay) {
+  if (decay == kDecoupled) return &adam_loop<T, kDecoupled, kLerpLow>;
+  return decay == kL2 ? &adam_loop<T, kL2, kLerpLow> : &adam_loop<T, kNoDecay, kLerpLow>;
+}
 
 void check_same(const char* op, const char* name, const at::Tensor& t, const at::Tensor& param) {
   TORCH_CHECK(t.sizes() == param.sizes(), op, ": ", name, " must have param's shape ", param.sizes(), ", got ",
@@ -91,8 +120,18 @@ void check_factors(const char* op, const at::Tensor& param, const at::Tensor& er
               ", got ", inp->scalar_type());
 }
 
+// Rows per gradient tile: about kTileBytes, but at least one tile per thread.
+int64_t tile_rows(int64_t n, int64_t k, int64_t elem_size) {
+  const int64_t per_thread = (n + at::get_num_threads() - 1) / at::get_num_threads();
+  return std::max<int64_t>(1, std::min({n, per_thread, std::max(kMinTileRows, kTileBytes / (elem_size * k))}));
+}
+
 // Calls body(grad, offset, count) for consecutive pieces of the gradient, where grad
-// points at `count` contiguous elements that belong at flat `offset` of param.
+// points at `count` contiguous elements that belong at flat `offset` of param. Tiles
+// run in one parallel region, each thread forming its own tile with a single-threaded
+// GEMM and consuming it while it is in that core's cache; one region per call instead
+// of a multithreaded GEMM plus an elementwise region per tile, which costs a thread
+// barrier each time (and much more when the cores are shared with other work).
 template <typename T, typename Body>
 void for_each_grad_tile(const at::Tensor& param, const at::Tensor& err, const c10::optional<at::Tensor>& inp,
                         const Body& body) {
@@ -102,35 +141,16 @@ void for_each_grad_tile(const at::Tensor& param, const at::Tensor& err, const c1
     return;
   }
   const int64_t n = param.size(0), k = param.size(1);
-  const int64_t tile_rows = std::min(n, std::max(kMinTileRows, kTileBytes / int64_t(sizeof(T) * k)));
-  at::Tensor tile = at::empty({tile_rows, k}, param.options());
-  for (int64_t r0 = 0; r0 < n; r0 += tile_rows) {
-    const int64_t rows = std::min(tile_rows, n - r0);
-    at::Tensor out = tile.narrow(0, 0, rows);
-    at::mm_out(out, err.narrow(1, r0, rows).t(), *inp);
-    body(out.data_ptr<T>(), r0 * k, rows * k);
-  }
-}
-
-template <typename T>
-void sgd_kernel(const at::Tensor& param, const at::Tensor& err, const c10::optional<at::Tensor>& inp,
-                T* buf, const Sgd<T>& opt) {
-  T* p = param.data_ptr<T>();
-  for_each_grad_tile<T>(param, err, inp, [&](const T* g, int64_t offset, int64_t count) {
-    at::parallel_for(0, count, at::internal::GRAIN_SIZE, [&](int64_t i0, int64_t i1) {
-      for (int64_t i = i0; i < i1; ++i) opt.apply(p[offset + i], buf ? buf + offset + i : nullptr, g[i]);
-    });
-  });
-}
-
-template <typename T>
-void adam_kernel(const at::Tensor& param, const at::Tensor& err, const c10::optional<at::Tensor>& inp,
-                 T* m, T* v, const Adam<T>& opt) {
-  T* p = param.data_ptr<T>();
-  for_each_grad_tile<T>(param, err, inp, [&](const T* g, int64_t offset, int64_t count) {
-    at::parallel_for(0, count, at::internal::GRAIN_SIZE, [&](int64_t i0, int64_t i1) {
-      for (int64_t i = i0; i < i1; ++i) opt.apply(p[offset + i], m[offset + i], v[offset + i], g[i]);
-    });
+  const int64_t rows_per_tile = tile_rows(n, k, sizeof(T));
+  const int64_t tiles = (n + rows_per_tile - 1) / rows_per_tile;
+  at::parallel_for(0, tiles, 1, [&](int64_t t0, int64_t t1) {
+    at::Tensor tile = at::empty({rows_per_tile, k}, param.options());
+    for (int64_t t = t0; t < t1; ++t) {
+      const int64_t r0 = t * rows_per_tile, rows = std::min(rows_per_tile, n - r0);
+      at::Tensor out = tile.narrow(0, 0, rows);
+      at::mm_out(out, err.narrow(1, r0, rows).t(), *inp);
+      body(out.data_ptr<T>(), r0 * k, rows * k);
+    }
   });
 }
 
@@ -142,10 +162,17 @@ void sgd_update_cpu(const at::Tensor& param, const at::Tensor& err, const c10::o
   TORCH_CHECK(!has_momentum || momentum_buffer.has_value(), "sgd_update_: momentum=", momentum,
               " needs a momentum_buffer");
   if (has_momentum) check_same("sgd_update_", "momentum_buffer", *momentum_buffer, param);
+  const int mode = !has_momentum ? kNoMomentum : first_step ? kFirstStep : kRunning;
   AT_DISPATCH_FLOATING_TYPES(param.scalar_type(), "sgd_update_cpu", [&] {
     using T = scalar_t;
-    const Sgd<T> opt{T(lr), T(momentum), T(dampening), T(weight_decay), nesterov, maximize, first_step, has_momentum};
-    sgd_kernel<T>(param, err, inp, has_momentum ? momentum_buffer->data_ptr<T>() : nullptr, opt);
+    const SgdScalars<T> s{T(maximize ? -1 : 1), T(-lr), T(momentum), T(1 - dampening), T(weight_decay)};
+    const SgdLoop<T> loop = weight_decay != 0 ? pick_sgd_loop<T, true>(mode, nesterov)
+                                              : pick_sgd_loop<T, false>(mode, nesterov);
+    T* p = param.data_ptr<T>();
+    T* buf = has_momentum ? momentum_buffer->data_ptr<T>() : nullptr;
+    for_each_grad_tile<T>(param, err, inp, [&](const T* g, int64_t offset, int64_t count) {
+      loop(p + offset, buf ? buf + offset : nullptr, g, count, s);
+    });
   });
 }
 
@@ -156,14 +183,22 @@ void adam_update_cpu(const at::Tensor& param, const at::Tensor& err, const c10::
   check_same("adam_update_", "exp_avg", exp_avg, param);
   check_same("adam_update_", "exp_avg_sq", exp_avg_sq, param);
   TORCH_CHECK(step >= 1, "adam_update_: step is the count after this update and must be >= 1, got ", step);
-  // Scalars formed in double exactly as torch.optim forms them in Python.
   const double bias_correction1 = 1 - std::pow(beta1, double(step));
   const double bias_correction2 = 1 - std::pow(beta2, double(step));
+  const int decay = weight_decay == 0 ? kNoDecay : decoupled ? kDecoupled : kL2;
   AT_DISPATCH_FLOATING_TYPES(param.scalar_type(), "adam_update_cpu", [&] {
     using T = scalar_t;
-    const Adam<T> opt{T(1 - lr * weight_decay), T(1 - beta1), T(beta2), T(1 - beta2), T(weight_decay),
-                      T(std::pow(bias_correction2, 0.5)), T(eps), T(-(lr / bias_correction1)), decoupled, maximize};
-    adam_kernel<T>(param, err, inp, exp_avg.data_ptr<T>(), exp_avg_sq.data_ptr<T>(), opt);
+    const T lerp_weight = T(1 - beta1);
+    const AdamScalars<T> s{T(maximize ? -1 : 1), T(1 - lr * weight_decay), T(weight_decay), lerp_weight,
+                           T(1) - lerp_weight, T(beta2), T(1 - beta2), T(std::pow(bias_correction2, 0.5)), T(eps),
+                           T(-(lr / bias_correction1))};
+    const AdamLoop<T> loop = lerp_weight < T(0.5) ? pick_adam_loop<T, true>(decay) : pick_adam_loop<T, false>(decay);
+    T* p = param.data_ptr<T>();
+    T* m = exp_avg.data_ptr<T>();
+    T* v = exp_avg_sq.data_ptr<T>();
+    for_each_grad_tile<T>(param, err, inp, [&](const T* g, int64_t offset, int64_t count) {
+      loop(p + offset, m + offset, v + offset, g, count, s);
+    });
   });
 }
 
