@@ -26,9 +26,10 @@ def default_critic(shape: tuple[int, ...], num_classes: int, hidden: int = 64) -
     parameter-free normalisation of the features:
 
     - [C]: LayerNorm(C), Linear(C, hidden), ReLU, Linear(hidden, classes);
-    - [C, H, W]: GroupNorm(1, C), Conv2d(C, 2·hidden, 3, padding 1), ReLU,
-      AdaptiveAvgPool2d(2), flatten, Linear;
-    - [C, L]: the same with Conv1d and AdaptiveAvgPool1d(2);
+    - [C, H, W]: GroupNorm(1, C), Conv2d(C, C, 3, padding 1), ReLU, AdaptiveAvgPool2d(2),
+      flatten, Linear(4C, classes) (C filters rather than the paper's 128, so that a critic
+      costs about one conv layer of the block it reads);
+    - [C, L]: the same with Conv1d and AdaptiveAvgPool1d(2), Linear(2C, classes);
     - other shapes: flatten, then the [C] critic.
 
     Why the normalisation: a critic moves slowly (Adam, lr 1e-4) and is not trained by
@@ -38,12 +39,13 @@ def default_critic(shape: tuple[int, ...], num_classes: int, hidden: int = 64) -
     had batch normalisation for that. hidden = 64 keeps a critic on a 256-wide MLP layer
     at a quarter of that layer's FLOPs, so that progressive inference saves compute.
     """
+    c = shape[0]
     if len(shape) == 3:
-        return nn.Sequential(nn.GroupNorm(1, shape[0], affine=False), nn.Conv2d(shape[0], 2 * hidden, 3, padding=1),
-                             nn.ReLU(), nn.AdaptiveAvgPool2d(2), nn.Flatten(), nn.Linear(8 * hidden, num_classes))
+        return nn.Sequential(nn.GroupNorm(1, c, affine=False), nn.Conv2d(c, c, 3, padding=1), nn.ReLU(),
+                             nn.AdaptiveAvgPool2d(2), nn.Flatten(), nn.Linear(4 * c, num_classes))
     if len(shape) == 2:
-        return nn.Sequential(nn.GroupNorm(1, shape[0], affine=False), nn.Conv1d(shape[0], 2 * hidden, 3, padding=1),
-                             nn.ReLU(), nn.AdaptiveAvgPool1d(2), nn.Flatten(), nn.Linear(4 * hidden, num_classes))
+        return nn.Sequential(nn.GroupNorm(1, c, affine=False), nn.Conv1d(c, c, 3, padding=1), nn.ReLU(),
+                             nn.AdaptiveAvgPool1d(2), nn.Flatten(), nn.Linear(2 * c, num_classes))
     size = math.prod(shape)
     return nn.Sequential(nn.Flatten(), nn.LayerNorm(size, elementwise_affine=False), nn.Linear(size, hidden),
                          nn.ReLU(), nn.Linear(hidden, num_classes))
