@@ -10,7 +10,7 @@ activations and gradients of the whole network are never held together.
 
 Importing localprop never initialises CUDA.
 """
-from . import memory, ops, rules
+from . import checkpoint, memory, ops, rules
 from .engine import LocalSequential, Prediction
 from .graph import LocalGraph
 from .localize import localize
@@ -20,4 +20,4 @@ from .ops import BackendUnavailable
 __version__ = "0.1.0"
 
 __all__ = ["LocalSequential", "LocalGraph", "LocalLinear", "ModuleNode", "Node", "Prediction", "localize",
-           "memory", "ops", "rules", "BackendUnavailable", "__version__"]
+           "checkpoint", "memory", "ops", "rules", "BackendUnavailable", "__version__"]

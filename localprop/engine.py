@@ -1,29 +1,25 @@
-"""The engine: a chain of nodes trained by a rule.
+"""The engine's chain: LocalSequential, a chain of nodes trained by a rule.
 
-The engine holds nodes, validates batches, builds heads and per-node optimizers once
-shapes are known, and hands each step to the rule. It knows nothing of any rule's
-objective, messages or schedule.
+It holds the nodes, validates batches, builds heads (and, through Network, the rule's
+state and per-node optimizers) once shapes are known, and hands each step to the rule.
+It knows nothing of any rule's objective, messages or schedule. Inference extras that
+use per-node heads live here: progressive prediction, ensembles, sub-models.
 """
 from __future__ import annotations
 
 import copy
-import functools
 from dataclasses import dataclass
-from typing import Callable, Iterable
 
 import torch
 from torch import nn
 
 from . import heads, rules
 from .errors import check_finite
-from .nodes import LocalLinear, ModuleNode, Node
-from .ops import backends
+from .network import DEFAULT_OPTIMIZER, Network, OptimizerFactory
+from .nodes import ModuleNode, Node
 from .topology import Goal, Topology
 
-OptimizerFactory = Callable[[Iterable[nn.Parameter]], torch.optim.Optimizer]
-
-#: the optimizer each node gets when none is given
-DEFAULT_OPTIMIZER: OptimizerFactory = functools.partial(torch.optim.SGD, lr=0.05, momentum=0.9)
+__all__ = ["LocalSequential", "Prediction", "Flops", "DEFAULT_OPTIMIZER", "OptimizerFactory"]
 
 
 @dataclass
@@ -51,7 +47,7 @@ class Flops:
         return sum(self.nodes)
 
 
-class LocalSequential(nn.Module):
+class LocalSequential(Network):
     """A chain of nodes trained by a local learning rule (or by backprop, for comparison).
 
     Args:
@@ -72,7 +68,7 @@ class LocalSequential(nn.Module):
     def __init__(self, *nodes: nn.Module, rule: str | rules.Rule = "greedy", num_classes: int,
                  optimizer: OptimizerFactory | None = None, backend: str | None = None,
                  check_finite: bool = True) -> None:
-        super().__init__()
+        super().__init__(rule, optimizer, backend, check_finite)
         if not nodes:
             raise ValueError("LocalSequential needs at least one node")
         if not isinstance(num_classes, int) or num_classes < 2:
@@ -80,14 +76,7 @@ class LocalSequential(nn.Module):
         self.nodes = nn.ModuleList(n if isinstance(n, Node) else ModuleNode(n) for n in nodes)
         for k, node in enumerate(self.nodes):
             node.name = str(k)
-        self.rule = rules.resolve(rule)
         self.num_classes = num_classes
-        self.optimizer_factory = optimizer or DEFAULT_OPTIMIZER
-        self.backend_request = backends.requested(backend)
-        self.check_finite = check_finite
-        self._backend_for: dict[torch.device, str] = {}
-        self.steps = 0
-        self.built = False
         self._flops: Flops | None = None
         if all(n.input_shape is not None for n in self.nodes):
             self._check_chain()
@@ -125,15 +114,11 @@ class LocalSequential(nn.Module):
                              f"[{self.num_classes}] per sample for num_classes={self.num_classes}, "
                              f"got {list(last.output_shape)}")
         for node in self.nodes:
-            node.check_finite = self.check_finite
             if self.rule.uses_heads and node is not last:
                 like = next(node.parameters(), None)  # heads live where the node lives, in its dtype
                 head = heads.default_head(node.output_shape, self.num_classes)
                 node.head = head if like is None else head.to(device=like.device, dtype=like.dtype)
-        self.rule.attach(self)
-        for node in self.nodes:
-            node.optimizer = self.optimizer_factory(self.rule.node_parameters(node))
-        self.built = True
+        self._attach()
 
     # ---- training -----------------------------------------------------------------
     def train_step(self, x: torch.Tensor, y: torch.Tensor) -> rules.StepResult:
@@ -142,16 +127,7 @@ class LocalSequential(nn.Module):
         self._validate(x, y)
         if not self.built:
             self.build(x)
-        self._set_backend(x.device)
-        result = self.rule.train_step(self, x, y, self.steps)
-        self.steps += 1
-        return result
-
-    def _set_backend(self, device: torch.device) -> None:
-        if device not in self._backend_for:  # resolved once per device: it queries the dispatcher
-            self._backend_for[device] = backends.resolve(self.backend_request, device)
-        for node in self.nodes:
-            node.backend = self._backend_for[device]
+        return self._step(x, y, x.device)
 
     def topology(self) -> Topology:
         """The chain as a graph: node k reads node k-1 (node 0 reads "x"); the last node
@@ -163,11 +139,6 @@ class LocalSequential(nn.Module):
     def feeds(self, x: torch.Tensor, y: torch.Tensor) -> tuple[dict, dict]:
         """The batch as graph rules see it: ({"x": x}, {"y": y})."""
         return {"x": x}, {"y": y}
-
-    @property
-    def backend(self) -> str:
-        """The backend the fused ops run on for this network's parameters."""
-        return backends.resolve(self.backend_request, next(self.parameters()).device)
 
     def _validate(self, x: torch.Tensor, y: torch.Tensor) -> None:
         first = self.nodes[0]

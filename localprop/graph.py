@@ -6,14 +6,13 @@ import torch
 from torch import nn
 
 from . import rules
-from .engine import DEFAULT_OPTIMIZER, OptimizerFactory
 from .errors import check_finite
+from .network import Network, OptimizerFactory
 from .nodes import ModuleNode, Node
-from .ops import backends
 from .topology import LOSSES, Goal, Topology, run_forward
 
 
-class LocalGraph(nn.Module):
+class LocalGraph(Network):
     """A network of nodes on a DAG, trained by a rule that supports graphs ("locprop", "bp").
 
         g = lp.LocalGraph(rule="locprop")
@@ -34,19 +33,13 @@ class LocalGraph(nn.Module):
 
     def __init__(self, rule: str | rules.Rule = "locprop", optimizer: OptimizerFactory | None = None,
                  backend: str | None = None, check_finite: bool = True) -> None:
-        super().__init__()
-        self.rule = rules.resolve(rule)
+        super().__init__(rule, optimizer, backend, check_finite)
         if not self.rule.graphs:
             raise ValueError(f"rule {self.rule.name!r} trains chains only; use LocalSequential, or a rule "
                              "that supports graphs (locprop, bp)")
         self.graph_nodes = nn.ModuleDict()
         self.node_inputs: dict[str, list[str]] = {}
         self.goals: dict[str, Goal] = {}
-        self.optimizer_factory = optimizer or DEFAULT_OPTIMIZER
-        self.backend_request = backends.requested(backend)
-        self.check_finite = check_finite
-        self.steps = 0
-        self.built = False
         self._topology: Topology | None = None
 
     # ---- construction --------------------------------------------------------------
@@ -94,12 +87,7 @@ class LocalGraph(nn.Module):
         self._check_unused(topo)
         self._check_shapes(topo)
         self._topology = topo
-        self.rule.attach(self)
-        for node in self.graph_nodes.values():
-            node.check_finite = self.check_finite
-            params = self.rule.node_parameters(node)
-            node.optimizer = self.optimizer_factory(params) if params else None
-        self.built = True
+        self._attach()
         return self
 
     def _order(self) -> list[Node]:
@@ -157,10 +145,7 @@ class LocalGraph(nn.Module):
         labels (cross-entropy goals) or float [B, N] (mse goals)."""
         topo = self.topology()
         self._validate(topo, inputs, targets)
-        self._set_backend(next(iter(inputs.values())).device)
-        result = self.rule.train_step(self, inputs, targets, self.steps)
-        self.steps += 1
-        return result
+        return self._step(inputs, targets, next(iter(inputs.values())).device)
 
     def forward(self, inputs: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         """Outputs of the goal nodes: goal name -> [B, N]."""
@@ -169,11 +154,6 @@ class LocalGraph(nn.Module):
         self._set_backend(next(iter(inputs.values())).device)
         values = run_forward(topo, inputs, lambda node, u: node(u))
         return {name: values[name] for name in self.goals}
-
-    def _set_backend(self, device: torch.device) -> None:
-        backend = backends.resolve(self.backend_request, device)
-        for node in self.graph_nodes.values():
-            node.backend = backend
 
     def _validate_inputs(self, topo: Topology, inputs) -> None:
         if not isinstance(inputs, dict):

@@ -94,24 +94,31 @@ def tensor_bytes(tensors) -> int:
 
 
 def resident(net: nn.Module) -> tuple[int, int]:
-    """(parameter and buffer bytes, optimizer state bytes) of a built network."""
+    """(parameter and buffer bytes, optimizer state bytes) of a built network: every
+    node's optimizer and the rule's own (critics', feedback networks')."""
     params = tensor_bytes(list(net.parameters()) + list(net.buffers()))
-    states = [v for m in net.modules() if getattr(m, "optimizer", None) is not None
-              for s in m.optimizer.state.values() for v in s.values()]
+    states = [v for opt in net.optimizers() for s in opt.state.values() for v in s.values()]
     return params, tensor_bytes(states)
 
 
-def measure_step(net: nn.Module, x: torch.Tensor, y: torch.Tensor, warmup: int = 1) -> StepMemory:
+def _device(x) -> torch.device:
+    """The device of a batch: a tensor, or a dict of them (LocalGraph inputs)."""
+    return (next(iter(x.values())) if isinstance(x, dict) else x).device
+
+
+def measure_step(net: nn.Module, x, y, warmup: int = 1) -> StepMemory:
     """Peak memory of one ``net.train_step(x, y)``, after ``warmup`` steps (so that the
     optimizer state exists and is counted as resident, not as the step's peak).
-    The network is trained by these steps."""
+    x, y: tensors (LocalSequential) or dicts of them (LocalGraph). The network is
+    trained by these steps."""
     for _ in range(warmup):
         net.train_step(x, y)
     gc.collect()
-    with track_peak(x.device) as peak:
+    device = _device(x)
+    with track_peak(device) as peak:
         net.train_step(x, y)
     params, opt = resident(net)
-    return StepMemory(getattr(net.rule, "name", str(net.rule)), str(x.device), peak.bytes, params, opt)
+    return StepMemory(net.rule.name, str(device), peak.bytes, params, opt)
 
 
 def compare(build: Callable[[str], nn.Module], rules: list[str], x: torch.Tensor, y: torch.Tensor) -> list[StepMemory]:

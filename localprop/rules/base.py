@@ -47,6 +47,11 @@ class Rule(abc.ABC):
         A rule whose auxiliary part has an optimizer of its own (critics) excludes it."""
         return list(node.parameters())
 
+    def optimizers(self, net) -> list[torch.optim.Optimizer]:
+        """The rule's own optimizers (critics', feedback networks'), whose state the
+        network saves and restores. By convention they live in ``net.rule_state.optimizers``."""
+        return list(getattr(getattr(net, "rule_state", None), "optimizers", None) or [])
+
     @abc.abstractmethod
     def train_step(self, net: LocalSequential, x: torch.Tensor, y: torch.Tensor, step: int) -> StepResult:
         """Train every node of ``net`` once on the batch (x, y); x and y are validated."""

@@ -104,7 +104,10 @@ class LocProp(Rule):
                 state.maps[node.name] = nn.Parameter(b.to(w.device), requires_grad=False)
             elif self.propagation == "inverse":
                 state.maps[node.name] = nn.Parameter(w.detach().clone())
-        state.composite = nn.ParameterDict()  # decoupled mode fills it on the first batch
+        # decoupled mode: composite maps, derived from the maps (so not saved), filled on
+        # the first batch once the graph inputs' widths are known
+        state.composite = {}
+        state.composite_version = None
         net.rule_state = state
 
     def node_parameters(self, node):
@@ -133,18 +136,22 @@ class LocProp(Rule):
         return out
 
     def _refresh_composite(self, net, topo: Topology, widths: dict[str, int]) -> None:
-        """Recompute the composite maps in place (every step for transpose and inverse,
-        whose maps learn; once for the fixed feedback maps)."""
-        composite = net.rule_state.composite
-        if composite and self.propagation == "feedback":
-            return
+        """Recompute the composite maps in place: every step for transpose and inverse,
+        whose maps learn; for the fixed feedback maps only when they were written to
+        (e.g. by load_state_dict), which their version counters tell."""
+        state = net.rule_state
+        if self.propagation == "feedback":
+            version = sum(b._version for b in state.maps.values())
+            if state.composite and version == state.composite_version:
+                return
+            state.composite_version = version
         for goal in topo.goals:
             for name, m in self._composite(net, topo, goal, widths).items():
                 key = f"{goal}__{name}"
-                if key in composite:
-                    composite[key].copy_(m)
+                if key in state.composite:
+                    state.composite[key].copy_(m)
                 else:
-                    composite[key] = nn.Parameter(m, requires_grad=False)
+                    state.composite[key] = m
 
     @staticmethod
     def _split(topo: Topology, node, message: torch.Tensor, widths: dict[str, int]) -> list[torch.Tensor | None]:

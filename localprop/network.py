@@ -1,0 +1,104 @@
+"""What every network of nodes shares, whatever its shape: the rule, the per-node
+optimizers, the backend, the step counter, and the state that lets training resume
+exactly. :class:`~localprop.LocalSequential` (a chain) and :class:`~localprop.LocalGraph`
+(any DAG) are its two shapes; rules see both through ``topology()`` and ``feeds()``."""
+from __future__ import annotations
+
+import abc
+import functools
+from typing import Any, Callable, Iterable
+
+import torch
+from torch import nn
+
+from . import rules
+from .ops import backends
+from .topology import Topology
+
+OptimizerFactory = Callable[[Iterable[nn.Parameter]], torch.optim.Optimizer]
+
+#: the optimizer each node gets when none is given
+DEFAULT_OPTIMIZER: OptimizerFactory = functools.partial(torch.optim.SGD, lr=0.05, momentum=0.9)
+
+
+class Network(nn.Module, abc.ABC):
+    """Base of LocalSequential and LocalGraph.
+
+    ``state_dict()`` holds everything needed to continue training exactly: parameters and
+    buffers (nodes, heads, the rule's modules), and, as extra state, the step counter,
+    every node's optimizer state and the rule's own optimizers' state.
+    """
+
+    def __init__(self, rule: str | rules.Rule, optimizer: OptimizerFactory | None, backend: str | None,
+                 check_finite: bool) -> None:
+        super().__init__()
+        self.rule = rules.resolve(rule)
+        self.optimizer_factory = optimizer or DEFAULT_OPTIMIZER
+        self.backend_request = backends.requested(backend)
+        self.check_finite = check_finite
+        self.steps = 0
+        self.built = False
+        self._backend_for: dict[torch.device, str] = {}
+
+    @abc.abstractmethod
+    def topology(self) -> Topology:
+        """Nodes in topological order, their inputs, and the goals."""
+
+    @abc.abstractmethod
+    def feeds(self, x, y) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
+        """A batch as graph rules see it: (inputs by name, targets by name)."""
+
+    # ---- building ---------------------------------------------------------------------
+    def _attach(self) -> None:
+        """Once every node's shapes are known: the rule's state, then each node's optimizer
+        over the parameters the rule gives it (none for a node without any)."""
+        order = self.topology().order
+        for node in order:
+            node.check_finite = self.check_finite
+        self.rule.attach(self)
+        for node in order:
+            params = self.rule.node_parameters(node)
+            node.optimizer = self.optimizer_factory(params) if params else None
+        self.built = True
+
+    # ---- running ----------------------------------------------------------------------
+    def _set_backend(self, device: torch.device) -> None:
+        if device not in self._backend_for:  # resolved once per device: it queries the dispatcher
+            self._backend_for[device] = backends.resolve(self.backend_request, device)
+        for node in self.topology().order:
+            node.backend = self._backend_for[device]
+
+    @property
+    def backend(self) -> str:
+        """The backend the fused ops run on for this network's parameters."""
+        return backends.resolve(self.backend_request, next(self.parameters()).device)
+
+    def _step(self, x, y, device: torch.device) -> rules.StepResult:
+        """One validated training step by the rule; counts it."""
+        self._set_backend(device)
+        result = self.rule.train_step(self, x, y, self.steps)
+        self.steps += 1
+        return result
+
+    # ---- state ------------------------------------------------------------------------
+    def optimizers(self) -> list[torch.optim.Optimizer]:
+        """Every optimizer of the network: the nodes' in order, then the rule's own."""
+        return [n.optimizer for n in self.topology().order if n.optimizer is not None] + self.rule.optimizers(self)
+
+    def get_extra_state(self) -> dict[str, Any]:
+        return {"steps": self.steps, "optimizers": [o.state_dict() for o in self.optimizers()]}
+
+    def set_extra_state(self, state: dict[str, Any]) -> None:
+        mine = self.optimizers()
+        if len(state["optimizers"]) != len(mine):
+            raise ValueError(f"the state has {len(state['optimizers'])} optimizers, this network {len(mine)}: "
+                             f"was it saved from a network of the same nodes and rule?")
+        for opt, saved in zip(mine, state["optimizers"]):
+            opt.load_state_dict(saved)
+        self.steps = state["steps"]
+
+    def load_state_dict(self, state_dict, strict: bool = True, assign: bool = False):
+        if not self.built:
+            raise RuntimeError("build the network before loading a state into it (net.build(example) "
+                               "or one train_step), so that its heads and optimizers exist")
+        return super().load_state_dict(state_dict, strict=strict, assign=assign)
