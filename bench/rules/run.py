@@ -108,7 +108,11 @@ def markdown(rows: list[dict]) -> str:
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--quick", action="store_true", help="tiny run; prints, writes nothing")
+    p.add_argument("--threads", type=int, default=1,
+                   help="torch threads (default 1: these small steps gain nothing from a second thread, "
+                        "and on shared cores OpenMP's waiting slowed them 10x)")
     args = p.parse_args()
+    torch.set_num_threads(args.threads)
     args.depths = (4, 16)
     args.seeds = 1 if args.quick else 3
     args.epochs = {"digits": 1, "mnist1d": 1, "cnn": 1} if args.quick else {"digits": 20, "mnist1d": 10, "cnn": 5}

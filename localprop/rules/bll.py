@@ -27,9 +27,10 @@ class BLL(Rule):
 
     For nodes k < K (the last node K learns from its own output, L_K = CE(h_K, y)):
 
-        α_k = normalize(pool(h_k))                     [B, C_k], unit rows; pool = identity for
-                                                       [C] features, the spatial mean for maps
-        β_K = onehot(y),  β_k = b_k(β_{k+1})           b_k: Linear(C_{k+1}, C_k), no bias
+        α_k = normalize(pool(h_k))                     [B, D_k], unit rows; pool = identity for
+                                                       [C] features, adaptive average pooling
+                                                       to 2 (2x2) positions for maps
+        β_K = onehot(y),  β_k = b_k(β_{k+1})           b_k: Linear(D_{k+1}, D_k), no bias
         L_k = −mean_b cos(α_k(b), sg β_k(b)) + lam_dec · mean_{b≠b'} (α_k αᵀ_k)²_{bb'}
               + lam_cls · CE(p_k(h_k), y)              p_k: the node's linear head
 
@@ -45,7 +46,9 @@ class BLL(Rule):
     Args:
         lam_dec: weight of the decorrelation term, >= 0 (default 1.0: at 0.1 the deeper nodes
             drift to ~90% on digits while node 0 stays at 94%; at 1.0 every node is >= 96%).
-        lam_cls: weight of the linear predictor's cross-entropy, >= 0 (default 0.1).
+        lam_cls: weight of the linear predictor's cross-entropy, >= 0 (default 1.0: at 0.1
+            the features of a localized CNN shrink towards 0, as alignment and decorrelation
+            are blind to scale, and the next node starves; 82% vs 94% on digits after 3-5 epochs).
         feedback_optimizer: factory ``params -> Optimizer`` for each b_k (default Adam lr 1e-2).
 
     State: ``net.rule_state.feedback`` (the b_k, an nn.ModuleList) and
@@ -55,7 +58,7 @@ class BLL(Rule):
     name = "bll"
     uses_heads = True
 
-    def __init__(self, lam_dec: float = 1.0, lam_cls: float = 0.1,
+    def __init__(self, lam_dec: float = 1.0, lam_cls: float = 1.0,
                  feedback_optimizer: OptimizerFactory | None = None) -> None:
         for arg, value in (("lam_dec", lam_dec), ("lam_cls", lam_cls)):
             if not value >= 0:
@@ -64,7 +67,7 @@ class BLL(Rule):
         self.feedback_optimizer = feedback_optimizer or DEFAULT_FEEDBACK_OPTIMIZER
 
     def attach(self, net) -> None:
-        dims = [node.output_shape[0] for node in net.nodes[:-1]] + [net.num_classes]
+        dims = [feature_dim(node.output_shape) for node in net.nodes[:-1]] + [net.num_classes]
         like = next(net.nodes[0].parameters())
         feedback = nn.ModuleList(nn.Linear(dims[k + 1], dims[k], bias=False, device=like.device, dtype=like.dtype)
                                  for k in range(len(dims) - 1))
@@ -101,7 +104,7 @@ class BLL(Rule):
     def objective(self, h: torch.Tensor, logits: torch.Tensor | None, y: torch.Tensor,
                   beta: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """(L_k, α_k detached) from h_k [B, C, ...], the head's logits [B, classes] (or None
-        when lam_cls = 0) and β_k [B, C]."""
+        when lam_cls = 0) and β_k [B, D]."""
         alpha = F.normalize(pool(h), dim=1)
         loss = -F.cosine_similarity(alpha, beta, dim=1).mean()
         if self.lam_dec and len(y) > 1:
@@ -136,8 +139,19 @@ class BLL(Rule):
 
 
 def pool(h: torch.Tensor) -> torch.Tensor:
-    """[B, C] from [B, C] (identity) or [B, C, *spatial] (mean over the spatial positions)."""
-    return h if h.dim() == 2 else h.flatten(2).mean(2)
+    """[B, D] features: [B, C] as they are; [B, C, L] and [B, C, H, W] average-pooled to
+    2 (2x2) positions and flattened (D = 2C, 4C), as the default heads read maps, so that
+    a few channels still give room for 10 class directions; other shapes flattened."""
+    if h.dim() == 3:
+        return F.adaptive_avg_pool1d(h, 2).flatten(1)
+    if h.dim() == 4:
+        return F.adaptive_avg_pool2d(h, 2).flatten(1)
+    return h.flatten(1)
+
+
+def feature_dim(shape: tuple[int, ...]) -> int:
+    """D of :func:`pool` for per-sample ``shape``."""
+    return pool(torch.zeros(1, *shape, device="meta")).shape[1]
 
 
 def _ce_step(node, u, y, step):
