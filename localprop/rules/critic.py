@@ -106,20 +106,31 @@ class Critic(Rule):
 
     def train_step(self, net, x, y, step):
         losses, gaps = {}, {}
-        train_critics = step % self.critic_every == 0
         h = x
         for k, node in enumerate(net.nodes):
             u = h.detach()
-            h, per_sample = self._node_step(node, u, y, step)
+            h, per_sample = self.node_step(net, k, u, y, step)
             losses[node.name] = per_sample.mean()
-            if k > 0 and train_critics:
-                prev = net.nodes[k - 1]
-                gaps[prev.name] = _train_critic(prev.head, net.rule_state.optimizers[k - 1], u, y, per_sample)
+            if k > 0:
+                gap = self.train_critic(net, k - 1, u, y, per_sample, step)
+                if gap is not None:
+                    gaps[net.nodes[k - 1].name] = gap
         return StepResult(step, {n: float(v) for n, v in losses.items()},
                           {"critic_gap": {n: float(v) for n, v in gaps.items()}})
 
-    def _node_step(self, node, u, y, step) -> tuple[torch.Tensor, torch.Tensor]:
-        """Update node k from its critic's loss; (h_k, per-sample ℓ_k [B]), detached."""
+    def train_critic(self, net, k: int, h: torch.Tensor, y: torch.Tensor, target: torch.Tensor,
+                     step: int) -> torch.Tensor | None:
+        """Train critic k on node k's output h [B, ...] of ``step`` against node k+1's
+        per-sample losses ``target`` [B] of the same step (the backward message), if
+        ``step`` trains critics; returns the loss before the update (0-dim) or None."""
+        if step % self.critic_every:
+            return None
+        return _train_critic(net.nodes[k].head, net.rule_state.optimizers[k], h, y, target)
+
+    def node_step(self, net, k: int, u: torch.Tensor, y: torch.Tensor, step: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Update node k on input u [B, ...] (detached) from its critic's loss; returns
+        (h_k, per-sample ℓ_k [B]), detached: ℓ_k is the message for critic k-1."""
+        node = net.nodes[k]
         if node.fused and node.head is None:
             h, _ = node.fused_ce_step(u, y, step)
             return h, F.cross_entropy(h, y, reduction="none")

@@ -71,18 +71,26 @@ class SGR(Rule):
 
     def train_step(self, net, x, y, step):
         losses, discord = {}, {}
-        h, g_prev, last = x, None, len(net.nodes) - 1
+        h, g_prev = x, None
         for k, node in enumerate(net.nodes):
-            finite_difference = self.mode == "finite_difference" or (self.mode == "auto" and node.fused)
-            if finite_difference and node.fused:
-                fn = self._fused_step
-            else:
-                fn = self._fd_step if finite_difference else self._exact_step
-            h, losses[node.name], g_prev, d = fn(node, h.detach(), y, g_prev, step, k == last)
+            h, losses[node.name], g_prev, d = self.node_step(net, k, h.detach(), y, g_prev, step)
             if d is not None:
                 discord[node.name] = d
         return StepResult(step, {n: float(v) for n, v in losses.items()},
                           {"discord": {n: float(v) for n, v in discord.items()}})
+
+    def node_step(self, net, k: int, u: torch.Tensor, y: torch.Tensor, message: torch.Tensor | None,
+                  step: int):
+        """Node k's step on input u [B, ...] (detached) with node k-1's message G_prev
+        (shaped like u; None for node 0). Returns (h_k detached, L_k, the message G_out
+        for node k+1 (None for the last node), discord or None)."""
+        node, last = net.nodes[k], k == len(net.nodes) - 1
+        finite_difference = self.mode == "finite_difference" or (self.mode == "auto" and node.fused)
+        if finite_difference and node.fused:
+            fn = self._fused_step
+        else:
+            fn = self._fd_step if finite_difference else self._exact_step
+        return fn(node, u, y, message, step, last)
 
     # ---- the penalty --------------------------------------------------------------
     def penalty(self, g_in: torch.Tensor, g_prev: torch.Tensor) -> torch.Tensor:
