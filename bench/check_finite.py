@@ -1,0 +1,115 @@
+"""What check_finite=True costs per training step on CPU.
+
+Each network is built twice from the same seed, with check_finite on and off, and one
+greedy step of each is timed round-robin in one run (so that drift in the machine's load
+falls on both alike); the overhead is (on - off) / off of the median step times:
+
+- LocalSequential MLPs on the "cpp" backend: ``nodes`` LocalLinear nodes (width -> width,
+  ReLU, the last width -> 10), batch 256;
+- a localize()d small CNN (two conv blocks and a linear classifier, three nodes) on
+  [256, 3, 16, 16] images.
+
+Step-time differences of ~1% are near the noise of a shared machine, so the direct cost
+of the checks is measured too: the checks one step makes (the input x and each node's
+scalar loss, see localprop.errors.check_finite), timed alone.
+
+    python bench/check_finite.py [--rounds 30] [--per-round 5]
+
+prints the table and appends rows to bench/results/check_finite.csv.
+"""
+from __future__ import annotations
+
+import argparse
+import functools
+import statistics
+import time
+
+import torch
+from torch import nn
+
+import localprop as lp
+from common import append_rows, stamp
+from localprop.errors import check_finite
+
+BATCH, CLASSES = 256, 10
+SGD = functools.partial(torch.optim.SGD, lr=0.01, momentum=0.9)
+
+
+def mlp(width: int, nodes: int, check: bool) -> lp.LocalSequential:
+    torch.manual_seed(0)
+    layers = [lp.LocalLinear(width, width) for _ in range(nodes - 1)] + [lp.LocalLinear(width, CLASSES, None)]
+    return lp.LocalSequential(*layers, rule="greedy", num_classes=CLASSES, optimizer=SGD, backend="cpp",
+                              check_finite=check)
+
+
+def cnn(check: bool) -> lp.LocalSequential:
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 16, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2),
+                          nn.Conv2d(16, 32, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2),
+                          nn.Flatten(), nn.Linear(32 * 4 * 4, CLASSES))
+    return lp.localize(model, rule="greedy", num_classes=CLASSES, optimizer=SGD, backend="cpp",
+                       example_input=torch.zeros(2, 3, 16, 16), check_finite=check)
+
+
+def batch(shape: tuple[int, ...]) -> tuple[torch.Tensor, torch.Tensor]:
+    gen = torch.Generator().manual_seed(1)
+    return torch.randn(BATCH, *shape, generator=gen), torch.randint(0, CLASSES, (BATCH,), generator=gen)
+
+
+def median_ms(steps: dict, rounds: int, per_round: int) -> dict[str, float]:
+    """Median ms per call of each callable, round-robin, after a warm-up of each."""
+    for fn in steps.values():
+        for _ in range(3):
+            fn()
+    times: dict[str, list[float]] = {name: [] for name in steps}
+    for _ in range(rounds):
+        for name, fn in steps.items():
+            t0 = time.perf_counter()
+            for _ in range(per_round):
+                fn()
+            times[name].append((time.perf_counter() - t0) / per_round * 1e3)
+    return {name: statistics.median(ts) for name, ts in times.items()}
+
+
+def checks_ms(x: torch.Tensor, nodes: int, rounds: int = 15, repeats: int = 100) -> float:
+    """Median ms of the checks one step makes: x once, and one scalar loss per node."""
+    loss = torch.tensor(1.0)
+
+    def checks():
+        check_finite(x, "0", 0, "input x")
+        for _ in range(nodes):
+            check_finite(loss, "0", 0, "loss")
+    return median_ms({"checks": checks}, rounds, repeats)["checks"]
+
+
+def measure(name: str, make, shape: tuple[int, ...], nodes: int, rounds: int, per_round: int) -> dict:
+    x, y = batch(shape)
+    nets = {check: make(check) for check in (True, False)}
+    ms = median_ms({check: functools.partial(net.train_step, x, y) for check, net in nets.items()},
+                   rounds, per_round)
+    env, checks = stamp(), checks_ms(x, nodes)
+    return {"date": env["date"], "model": name, "nodes": nodes, "batch": BATCH, "backend": "cpp",
+            "on_ms": round(ms[True], 4), "off_ms": round(ms[False], 4),
+            "overhead_pct": round(100 * (ms[True] - ms[False]) / ms[False], 2),
+            "checks_ms": round(checks, 5), "checks_pct": round(100 * checks / ms[False], 3),
+            "device": env["device"], "threads": env["threads"], "torch": env["torch"], "git": env["git"]}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--rounds", type=int, default=30)
+    parser.add_argument("--per-round", type=int, default=5)
+    args = parser.parse_args()
+    cases = [(f"mlp{width}", functools.partial(mlp, width, nodes), (width,), nodes)
+             for width in (256, 1024) for nodes in (4, 8)]
+    cases.append(("cnn", cnn, (3, 16, 16), 3))
+    rows = [measure(*case, args.rounds, args.per_round) for case in cases]
+    print(f"{'model':>8} {'nodes':>5} {'on ms':>9} {'off ms':>9} {'overhead':>9} {'checks alone':>13}")
+    for r in rows:
+        print(f"{r['model']:>8} {r['nodes']:>5} {r['on_ms']:>9.3f} {r['off_ms']:>9.3f} {r['overhead_pct']:>8.2f}% "
+              f"{r['checks_pct']:>12.3f}%")
+    print(f"appended to {append_rows('check_finite', rows)}")
+
+
+if __name__ == "__main__":
+    main()
