@@ -1,0 +1,320 @@
+"""``localprop train``: config-driven training (a JSON or TOML file and/or flags; keys in
+:mod:`localprop.config`), in one process or as a decoupled pipeline over several
+(``--ranks N`` on this machine, or under ``torchrun``), with atomic checkpoints that a
+``--resume`` continues exactly: the network with its optimizers and step count, the epoch,
+the position in it, the batch generator's state at the epoch's start, the torch RNG state
+and, distributed, each rank's outstanding backward messages."""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from tqdm.auto import tqdm
+
+from localprop import checkpoint, config, distributed, memory
+from localprop.data import Split, accuracy
+
+
+@dataclass
+class Position:
+    """Where training stands in the stream of batches."""
+    generator: torch.Generator
+    epoch: int = 0
+    position: int = 0                  #: batches of this epoch already trained on
+    epoch_start: torch.Tensor | None = None  #: the generator's state when this epoch began
+
+    def extra(self) -> dict:
+        return {"epoch": self.epoch, "position": self.position, "epoch_generator": self.epoch_start,
+                "torch_rng": torch.get_rng_state()}
+
+    def restore(self, extra: dict) -> None:
+        self.epoch, self.position, self.epoch_start = extra["epoch"], extra["position"], extra["epoch_generator"]
+        torch.set_rng_state(extra["torch_rng"])
+
+
+def stream(split: Split, batch_size: int, epochs: int, pos: Position):
+    """The training batches (x, y) from ``pos`` on; the caller counts ``pos.position``
+    once a batch is trained on. Re-drawing an epoch's order from its start state and
+    skipping the batches done leaves the generator exactly as an uninterrupted run."""
+    while pos.epoch < epochs:
+        if pos.epoch_start is None:
+            pos.epoch_start = pos.generator.get_state()
+        else:
+            pos.generator.set_state(pos.epoch_start)
+        for i, batch in enumerate(split.batches(batch_size, pos.generator)):
+            if i >= pos.position:
+                yield batch
+        pos.epoch, pos.position, pos.epoch_start = pos.epoch + 1, 0, None
+
+
+def total_steps(split: Split, cfg: dict) -> int:
+    return cfg["epochs"] * -(-len(split.y_train) // cfg["batch_size"])
+
+
+# ---- one process ------------------------------------------------------------------------
+def run_single(cfg: dict, args) -> dict:
+    split = config.dataset(cfg)
+    net = config.network(cfg, split)
+    pos = Position(torch.Generator().manual_seed(cfg["seed"]))
+    if args.resume:
+        pos.restore(checkpoint.load(_checkpoint_path(args), net))
+    stop, peak, bar = _limit(split, cfg, args), 0, _bar(split, cfg, args, net.steps)
+    start, _measured.seconds = time.perf_counter(), 0.0
+    for x, y in stream(split, cfg["batch_size"], cfg["epochs"], pos):
+        if net.steps >= stop:
+            break
+        with _measured(net, peak == 0) as measure:
+            result = net.train_step(x, y)
+        peak = measure.bytes or peak
+        pos.position += 1
+        bar.update(1)
+        bar.set_postfix(loss=f"{list(result.losses.values())[-1]:.3f}", refresh=False)
+        if args.checkpoint and args.checkpoint_every and net.steps % args.checkpoint_every == 0:
+            checkpoint.save(args.checkpoint, net, **pos.extra())
+    wall = time.perf_counter() - start - _measured.seconds
+    bar.close()
+    if args.checkpoint:
+        checkpoint.save(args.checkpoint, net, **pos.extra())
+    net.eval()
+    return {"test_accuracy": accuracy(net, split.x_test, split.y_test), "steps": net.steps,
+            "wall_seconds": wall, "ranks": 1, "peak_bytes_per_rank": [peak]}
+
+
+class _measured:
+    """Allocator peak of one step: the first step with optimizer state (steps >= 1), once."""
+
+    def __init__(self, net, wanted: bool) -> None:
+        self.on, self.bytes = wanted and net.steps >= 1, 0
+        self.device = next(net.parameters()).device
+
+    #: seconds spent in measured steps, which the profiler slows: taken out of wall time
+    seconds = 0.0
+
+    def __enter__(self):
+        if self.on:
+            self._start = time.perf_counter()
+            self._cm = memory.track_peak(self.device)
+            self._peak = self._cm.__enter__()
+        return self
+
+    def __exit__(self, *exc):
+        if self.on:
+            self._cm.__exit__(*exc)
+            self.bytes = self._peak.bytes
+            _measured.seconds += time.perf_counter() - self._start
+        return False
+
+
+def _limit(split, cfg, args) -> int:
+    return args.max_steps if args.max_steps is not None else total_steps(split, cfg)
+
+
+def _bar(split, cfg, args, done: int):
+    total = min(_limit(split, cfg, args), total_steps(split, cfg))
+    return tqdm(total=total, initial=done, desc="train", unit="step", leave=False, mininterval=0.5,
+                disable=args.quiet)
+
+
+def _checkpoint_path(args) -> str:
+    if not args.checkpoint:
+        raise config.ConfigError("--resume", "a --checkpoint PATH to resume from", None)
+    if not Path(args.checkpoint).is_file():
+        raise config.ConfigError("--checkpoint", "an existing checkpoint file to resume from", args.checkpoint)
+    return args.checkpoint
+
+
+# ---- one rank of several ---------------------------------------------------------------
+def rank_checkpoint(path: str, rank: int) -> str:
+    """Each rank's own checkpoint file: ``<stem>.rank<r><suffix>`` beside ``path``."""
+    p = Path(path)
+    return str(p.with_name(f"{p.stem}.rank{rank}{p.suffix}"))
+
+
+def run_rank(cfg: dict, args) -> dict | None:
+    """This process's rank of a pipeline; rank 0 returns the results, the others None."""
+    dcfg = cfg["distributed"]
+    rank, world = distributed.init_from_env(dcfg["timeout"])
+    try:
+        return _train_rank(cfg, args, rank, world)
+    finally:
+        torch.distributed.destroy_process_group()
+
+
+def _train_rank(cfg, args, rank, world):
+    dcfg, split = cfg["distributed"], config.dataset(cfg)
+    net = config.network(cfg, split)
+    distributed.stage_for(net.rule)  # refuse a rule before any work
+    path = rank_checkpoint(args.checkpoint, rank) if args.checkpoint else None
+    pos, extra = Position(torch.Generator().manual_seed(cfg["seed"])), None
+    if args.resume:
+        extra = checkpoint.load(_checkpoint_path(argparse.Namespace(checkpoint=path)), net)
+        counts = extra["partition"].tolist()
+    else:
+        counts = _counts(net, split, cfg, world)
+    pipe = distributed.Pipeline(net, counts, dcfg["mode"], dcfg["staleness"], dcfg["timeout"])
+    if extra is not None:
+        pipe.load_state(extra)
+        pos.restore(extra)
+    stop, peak = _limit(split, cfg, args), 0
+    bar = _bar(split, cfg, argparse.Namespace(**{**vars(args), "quiet": args.quiet or rank > 0}), net.steps)
+    start, _measured.seconds = time.perf_counter(), 0.0
+    for x, y in stream(split, cfg["batch_size"], cfg["epochs"], pos):
+        if net.steps >= stop:
+            break
+        with _measured(net, peak == 0) as measure:
+            # no send may be in flight across the profiler's start or stop: with gloo
+            # (torch 2.13) such a send was seen to deliver corrupted activations
+            measure.on and pipe.flush()
+            pipe.step(x if rank == 0 else None, y)
+            measure.on and pipe.flush()
+        peak = measure.bytes or peak
+        pos.position += 1
+        bar.update(1)
+        if path and args.checkpoint_every and net.steps % args.checkpoint_every == 0:
+            checkpoint.save(path, net, **pos.extra(), **pipe.state())
+    if net.steps >= total_steps(split, cfg):
+        pipe.finish()  # the run is complete: its last backward messages are absorbed
+    if path:
+        checkpoint.save(path, net, **pos.extra(), **pipe.state())
+    pipe.finish()  # a stop before the end still takes in what was sent, so that no sender waits
+    wall = time.perf_counter() - start - _measured.seconds
+    bar.close()
+    peaks = [torch.zeros(1, dtype=torch.int64) for _ in range(world)]
+    torch.distributed.all_gather(peaks, torch.tensor([peak]))
+    pipe.gather()
+    if rank > 0:
+        return None
+    net.eval()
+    return {"test_accuracy": accuracy(net, split.x_test, split.y_test), "steps": net.steps, "wall_seconds": wall,
+            "ranks": world, "partition": counts, "peak_bytes_per_rank": [int(p) for p in peaks],
+            "wait_seconds_rank0": pipe.wait_seconds}
+
+
+def _counts(net, split, cfg, world) -> list[int]:
+    """The partition: the config's list, or rank 0's timing broadcast to every rank."""
+    given = cfg["distributed"]["partition"]
+    if given != "cost":
+        if len(given) != world or sum(given) != len(net.nodes):
+            raise config.ConfigError("distributed.partition",
+                                     f"{world} node counts summing to the {len(net.nodes)} nodes", given)
+        return given
+    counts = torch.zeros(world, dtype=torch.int64)
+    if torch.distributed.get_rank() == 0:
+        x, y = split.x_train[:cfg["batch_size"]], split.y_train[:cfg["batch_size"]]
+        counts = torch.tensor(distributed.partition(distributed.node_costs(net, x, y), world))
+    torch.distributed.broadcast(counts, src=0)
+    return counts.tolist()
+
+
+# ---- the command ------------------------------------------------------------------------
+def table(args) -> dict:
+    """The config file's table overridden by the flags given."""
+    table = config.read(args.config) if args.config else {}
+    for key in ("dataset", "epochs", "batch_size", "seed", "backend"):
+        if getattr(args, key) is not None:
+            table[key] = getattr(args, key)
+    if args.rule is not None:
+        table["rule"] = {"name": args.rule, **_json("--rule-kwargs", args.rule_kwargs)}
+    if args.optimizer is not None or args.lr is not None:
+        opt = dict(config.DEFAULTS["optimizer"] if args.optimizer is None else {"name": args.optimizer})
+        table["optimizer"] = {**opt, **({} if args.lr is None else {"lr": args.lr})}
+    if args.model is not None:
+        table["model"] = _model_flag(args.model, args.nodes)
+    dist = {k: v for k, v in (("mode", args.mode), ("staleness", args.staleness), ("timeout", args.timeout))
+            if v is not None}
+    if dist:
+        table["distributed"] = {**table.get("distributed", {}), **dist}
+    return table
+
+
+def _json(flag: str, text: str | None) -> dict:
+    if text is None:
+        return {}
+    try:
+        value = json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise config.ConfigError(flag, f"a JSON object ({exc})", text) from None
+    if not isinstance(value, dict):
+        raise config.ConfigError(flag, "a JSON object", value)
+    return value
+
+
+def _model_flag(text: str, nodes: int | None) -> dict:
+    """--model mlp:64,256,10 or --model module:function (with --nodes K)."""
+    if text.startswith("mlp:"):
+        try:
+            return {"mlp": [int(w) for w in text[4:].split(",")]}
+        except ValueError:
+            raise config.ConfigError("--model", "mlp:<width>,<width>,... of integers", text) from None
+    return {"module": text, **({} if nodes is None else {"nodes": nodes})}
+
+
+def run(args) -> int:
+    cfg = config.resolve(table(args))
+    torch.set_num_threads(args.threads) if args.threads else None
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if args.ranks > 1 and "RANK" not in os.environ:
+        return _launch(cfg, args)
+    result = run_rank(cfg, args) if world > 1 else run_single(cfg, args)
+    if result is not None:
+        _report(result, cfg, args)
+    return 0
+
+
+def _launch(cfg: dict, args) -> int:
+    """--ranks N: the resolved config to a file, then N processes of this command on it."""
+    with tempfile.TemporaryDirectory() as folder:
+        path = Path(folder) / "config.json"
+        path.write_text(json.dumps(cfg))
+        argv = ["train", "--config", str(path), "--threads", str(args.threads or 1)]
+        for flag, value in (("--json", args.json), ("--checkpoint", args.checkpoint),
+                            ("--checkpoint-every", args.checkpoint_every), ("--max-steps", args.max_steps)):
+            if value is not None:
+                argv += [flag, str(value)]
+        argv += ["--resume"] * args.resume + ["--quiet"] * args.quiet
+        return distributed.launch(argv, args.ranks)
+
+
+def _report(result: dict, cfg: dict, args) -> None:
+    if not args.quiet:
+        peaks = ", ".join(f"{b / 1024:.0f}" for b in result["peak_bytes_per_rank"])
+        print(f"test accuracy {result['test_accuracy']:.2%} after {result['steps']} steps, "
+              f"{result['wall_seconds']:.1f} s on {result['ranks']} rank(s); peak step KiB per rank: {peaks}")
+    if args.json:
+        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.json).write_text(json.dumps({**result, "config": cfg}, indent=2))
+
+
+def register(sub) -> None:
+    p = sub.add_parser("train", help="config-driven training, checkpoints, --ranks N for several processes",
+                       description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--config", help="a .json or .toml file of keys (see localprop.config); flags override it")
+    p.add_argument("--dataset", help='digits, mnist1d, a .npz file or "module:function"')
+    p.add_argument("--model", help='mlp:<in>,<widths>,...,<classes> or "module:function" (an nn.Sequential)')
+    p.add_argument("--nodes", type=int, help="with --model module:function, the number of nodes K")
+    p.add_argument("--rule", help="greedy, sgr, critic, bll, pgl, locprop, bp, bp+checkpoint")
+    p.add_argument("--rule-kwargs", help='the rule\'s keyword arguments as JSON, e.g. \'{"lam": 0.1}\'')
+    p.add_argument("--optimizer", choices=list(config.OPTIMIZERS))
+    p.add_argument("--lr", type=float)
+    p.add_argument("--epochs", type=int)
+    p.add_argument("--batch-size", type=int)
+    p.add_argument("--seed", type=int)
+    p.add_argument("--backend", help="backend of the fused ops (default: auto)")
+    p.add_argument("--json", help="write test_accuracy, steps, wall_seconds, peak bytes per rank here")
+    p.add_argument("--checkpoint", help="checkpoint file (per rank: <stem>.rank<r><suffix>)")
+    p.add_argument("--checkpoint-every", type=int, help="save every N steps (and at the end)")
+    p.add_argument("--resume", action="store_true", help="continue exactly from --checkpoint")
+    p.add_argument("--max-steps", type=int, help="stop after this many steps in all (a later --resume goes on)")
+    p.add_argument("--ranks", type=int, default=1, help="local processes of a decoupled pipeline (gloo)")
+    p.add_argument("--mode", choices=list(config.DIST_MODES), help="distributed schedule (default sync)")
+    p.add_argument("--staleness", type=int, help="async mode: steps a backward message is late (default 1)")
+    p.add_argument("--timeout", type=float, help="seconds before a silent rank is an error (default 60)")
+    p.add_argument("--threads", type=int, help="torch threads per process (default: torch's; 1 per rank)")
+    p.add_argument("--quiet", action="store_true", help="no progress bar or summary line")
+    p.set_defaults(func=run)

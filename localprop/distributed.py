@@ -1,0 +1,395 @@
+"""Decoupled pipeline training of a :class:`~localprop.LocalSequential` across processes
+and GPUs with torch.distributed (gloo on CPU, NCCL on GPU).
+
+Local learning has no backward locking: node k updates as soon as its own step is done.
+So the chain's nodes are split into contiguous stages, one per rank, and the training
+batches stream through them as a pipeline: rank r runs its nodes on batch m while rank r+1
+runs its nodes on batch m-1, and every rank updates at once.
+
+Micro-batches. A micro-batch here is one training batch, and every node steps once per
+micro-batch: exactly the computation of single-process training on the same batches
+(node k at step m sees node k-1's output of step m, computed before node k-1's update of
+step m, in both). So in synchronous mode a run reproduces the single-process run bit for
+bit on CPU, given the same batches, seeds and thread count. (Splitting a batch into
+smaller micro-batches and summing their updates would be a different computation.)
+
+Messages, point to point (isend / recv), with the batch's labels known on every rank
+(every rank draws the same batches from the same seeded generator, so only rank 0 reads x):
+- forward, rank r -> r+1: the activation h [B, ...]; SGR also its gradient message G_out
+  (shaped like h);
+- backward, rank r+1 -> r: critic: the first node's per-sample losses ℓ [B], with which rank
+  r trains the critic of its last node on its own saved output of that step.
+Rules with nothing but activations crossing a boundary (greedy, any LocalRule whose
+node_step returns no message) need nothing else.
+
+Schedules (``mode``):
+- "sync": a backward message of step m is absorbed before the receiving node's step m+1,
+  as in one process. Only the boundary node waits for it; the rank's other nodes run on.
+- "async": absorbed exactly ``staleness`` steps later (before step m+1+staleness), so the
+  upstream rank never waits on the downstream one's current step. The delay is fixed, not
+  "whenever it arrives", so async runs are reproducible too; the staleness bound is the
+  memory bound as well: a rank keeps staleness+1 outputs of its last node for its critic.
+For rules without backward messages the two modes are the same schedule.
+
+Refused, with an error saying why (:class:`NotDecoupled`): bp and bp+checkpoint (every
+step is one backward pass through all nodes: a backward-locked pipeline, which
+torch.distributed.pipelining's schedules already serve), locprop in "sync" mode (error
+vectors travel top-down through every node each step), pgl (its global steps are bp).
+Not yet staged: bll (each step's prototypes chain through every downstream feedback net)
+and locprop "decoupled" (its composite maps are rule-level state over all nodes).
+
+Partition (:func:`partition`): each node's local step is timed on a sample batch
+(:func:`node_costs`), then the contiguous split into ``ranks`` stages that minimises the
+slowest stage's summed cost is found by dynamic programming (O(ranks·K²)); the slowest
+stage sets the pipeline's throughput.
+"""
+from __future__ import annotations
+
+import copy
+import datetime
+import math
+import os
+import signal
+import socket
+import statistics
+import subprocess
+import sys
+import time
+from typing import Any
+
+import torch
+import torch.distributed as dist
+
+from . import rules
+
+TAG_H, TAG_MESSAGE, TAG_BACK = 1, 2, 3
+
+
+class DistributedError(RuntimeError):
+    """Another rank died, hung past the timeout, or broke the connection."""
+
+
+class NotDecoupled(ValueError):
+    """The rule needs global backpropagation (or state over all nodes) at every step."""
+
+
+# ---- per-rule stages ---------------------------------------------------------------------
+class Stage:
+    """How one rule's node step runs apart from the chain loop."""
+    forward = False   #: an activation-sized message travels forward with h
+    backward = False  #: per-sample losses [B] travel backward one node
+
+    def __init__(self, rule: rules.Rule) -> None:
+        self.rule = rule
+
+    def step(self, net, k: int, u: torch.Tensor, y: torch.Tensor, message, step: int):
+        """Node k's step: (h detached, loss, forward message or None, backward message or None)."""
+        raise NotImplementedError
+
+    def absorb(self, net, k: int, h: torch.Tensor, y: torch.Tensor, back: torch.Tensor, step: int) -> None:
+        """Node k learns from node k+1's backward message of ``step`` (h: node k's output then)."""
+
+
+class _LocalRuleStage(Stage):
+    def step(self, net, k, u, y, message, step):
+        h, loss, out = self.rule.node_step(net, k, u, y, message, step)
+        if out is not None:
+            raise NotDecoupled(f"rule {self.rule.name!r}: node_step returned a message, which distributed "
+                               f"training does not know how to send; only activations cross ranks for it")
+        return h, loss, None, None
+
+
+class _SGRStage(Stage):
+    forward = True
+
+    def step(self, net, k, u, y, message, step):
+        h, loss, out, _ = self.rule.node_step(net, k, u, y, message, step)
+        return h, loss, out, None
+
+
+class _CriticStage(Stage):
+    backward = True
+
+    def step(self, net, k, u, y, message, step):
+        h, per_sample = self.rule.node_step(net, k, u, y, step)
+        return h, per_sample.mean(), None, per_sample if k > 0 else None
+
+    def absorb(self, net, k, h, y, back, step):
+        self.rule.train_critic(net, k, h, y, back, step)
+
+
+def stage_for(rule: rules.Rule) -> Stage:
+    """The Stage of ``rule``, or NotDecoupled/ValueError saying why it cannot run distributed."""
+    name = getattr(rule, "name", type(rule).__name__)
+    if isinstance(rule, (rules.BP, rules.PGL)) or (isinstance(rule, rules.LocProp) and rule.mode == "sync"):
+        raise NotDecoupled(f"rule {name!r} needs global backpropagation (or top-down error vectors) through "
+                           f"every node at every step, so its nodes cannot update apart: train it in one "
+                           f"process, or pipeline it with torch.distributed.pipelining")
+    if isinstance(rule, rules.SGR):
+        return _SGRStage(rule)
+    if isinstance(rule, rules.Critic):
+        return _CriticStage(rule)
+    if isinstance(rule, rules.LocalRule):
+        return _LocalRuleStage(rule)
+    raise NotDecoupled(f"rule {name!r} has no distributed stage: its step uses state over all nodes "
+                       f"(bll's prototype chain, locprop's composite maps); supported: greedy, sgr, critic "
+                       f"and any LocalRule")
+
+
+# ---- partition -------------------------------------------------------------------------
+def node_costs(net, x: torch.Tensor, y: torch.Tensor, repeats: int = 3) -> list[float]:
+    """Seconds of each node's local step on the batch (x [B, ...], y int64 [B]): the median
+    of ``repeats`` timed runs after one warm-up, on a deep copy (``net`` and the global RNG
+    are left as they were). A critic's training counts towards the node that owns it."""
+    stage, trial, rng = stage_for(net.rule), copy.deepcopy(net), torch.get_rng_state()
+    times: list[list[float]] = [[] for _ in trial.nodes]
+    for _ in range(repeats + 1):
+        h, message = x, None
+        for k in range(len(trial.nodes)):
+            start = time.perf_counter()
+            u = h
+            h, _, message, back = stage.step(trial, k, u, y, message, trial.steps)
+            _sync(h)
+            times[k].append(time.perf_counter() - start)
+            if back is not None:
+                start = time.perf_counter()
+                stage.absorb(trial, k - 1, u, y, back, trial.steps)
+                times[k - 1][-1] += time.perf_counter() - start
+    torch.set_rng_state(rng)
+    return [statistics.median(t[1:]) for t in times]
+
+
+def partition(costs: list[float], ranks: int) -> list[int]:
+    """Node counts per rank (contiguous, each >= 1) minimising the largest summed cost."""
+    K = len(costs)
+    if not 1 <= ranks <= K:
+        raise ValueError(f"cannot split {K} nodes over {ranks} ranks: every rank needs at least one node")
+    prefix = [0.0]
+    for c in costs:
+        prefix.append(prefix[-1] + c)
+    # best[r][k]: the smallest slowest-stage cost of nodes 0..k-1 over r stages; cut[r][k]: last cut
+    best = [[math.inf] * (K + 1) for _ in range(ranks + 1)]
+    cut = [[0] * (K + 1) for _ in range(ranks + 1)]
+    best[0][0] = 0.0
+    for r in range(1, ranks + 1):
+        for k in range(r, K - (ranks - r) + 1):
+            for j in range(r - 1, k):
+                cost = max(best[r - 1][j], prefix[k] - prefix[j])
+                if cost < best[r][k]:
+                    best[r][k], cut[r][k] = cost, j
+    counts, k = [], K
+    for r in range(ranks, 0, -1):
+        counts.append(k - cut[r][k])
+        k = cut[r][k]
+    return counts[::-1]
+
+
+def _sync(t: torch.Tensor) -> None:
+    if t.is_cuda:
+        torch.cuda.synchronize(t.device)
+
+
+# ---- the pipeline ----------------------------------------------------------------------
+class Pipeline:
+    """This rank's stage of a pipeline over ``net`` (built, identical on every rank).
+
+    Args:
+        net: the LocalSequential; this rank trains only its own nodes.
+        counts: node counts per rank (from :func:`partition`), summing to the node count.
+        mode: "sync" or "async" (see the module docstring); staleness: steps, >= 1 for async.
+        timeout: seconds, for the error messages (the process group enforces it).
+    """
+
+    def __init__(self, net, counts: list[int], mode: str = "sync", staleness: int = 1,
+                 timeout: float = 60.0) -> None:
+        if mode not in ("sync", "async"):
+            raise ValueError(f"mode must be 'sync' or 'async', got {mode!r}")
+        if mode == "async" and staleness < 1:
+            raise ValueError(f"async mode needs staleness >= 1 step, got {staleness}")
+        self.rank, self.world = dist.get_rank(), dist.get_world_size()
+        if len(counts) != self.world or sum(counts) != len(net.nodes) or min(counts) < 1:
+            raise ValueError(f"partition {counts} does not split {len(net.nodes)} nodes over {self.world} ranks")
+        self.net, self.counts, self.stage = net, list(counts), stage_for(net.rule)
+        self.first = sum(counts[:self.rank])
+        self.nodes = range(self.first, self.first + counts[self.rank])
+        self.last = self.nodes[-1]
+        self.delay = 0 if mode == "sync" else staleness
+        self.timeout = timeout
+        self.device = next(net.parameters()).device
+        self.pending: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}  # step -> (h, y) awaiting a backward message
+        self.received: dict[int, torch.Tensor] = {}
+        self.sends: list[tuple[int, Any]] = []
+        self.wait_seconds = 0.0
+        net._set_backend(self.device)
+
+    @property
+    def has_next(self) -> bool:
+        return self.rank < self.world - 1
+
+    def owner(self, k: int) -> int:
+        """The rank that trains node k."""
+        return next(r for r in range(self.world) if k < sum(self.counts[:r + 1]))
+
+    def step(self, x: torch.Tensor | None, y: torch.Tensor) -> dict[str, torch.Tensor]:
+        """One micro-batch through this rank's nodes. x [B, ...] (read on rank 0 only), y
+        int64 [B] on every rank. Returns this rank's node name -> loss (0-dim tensors)."""
+        step, net = self.net.steps, self.net
+        self._reap(step)
+        y = y.to(self.device)
+        if self.rank == 0:
+            h, message = x.to(self.device), None
+        else:
+            shape = (len(y), *net.nodes[self.first].input_shape)
+            h = self._recv(shape, TAG_H, self.rank - 1, "activations")
+            message = self._recv(shape, TAG_MESSAGE, self.rank - 1, "forward message") if self.stage.forward else None
+        losses = {}
+        for k in self.nodes:
+            if k == self.last and self.has_next and self.stage.backward:
+                self._absorb(upto=step - 1 - self.delay)
+            u = h
+            h, losses[net.nodes[k].name], message, back = self.stage.step(net, k, u, y, message, step)
+            if back is not None and k > self.first:
+                self.stage.absorb(net, k - 1, u, y, back, step)
+            elif back is not None and self.rank > 0:
+                self._send(back, self.rank - 1, TAG_BACK, step)
+        if self.has_next:
+            self._send(h, self.rank + 1, TAG_H, step)
+            if self.stage.forward:
+                self._send(message, self.rank + 1, TAG_MESSAGE, step)
+            if self.stage.backward:
+                self.pending[step] = (h, y)
+        net.steps += 1
+        return losses
+
+    def flush(self) -> None:
+        """Wait until every send of this rank has completed."""
+        self._reap(math.inf)
+
+    def finish(self) -> None:
+        """At the end of training: absorb every outstanding backward message, wait for the sends."""
+        self._absorb(upto=math.inf)
+        self._reap(math.inf)
+
+    # ---- checkpoints ----------------------------------------------------------------------
+    def state(self) -> dict[str, Any]:
+        """What a checkpoint needs beyond the network: the partition and the outputs still
+        waiting for their backward message, with the messages (received now, not absorbed,
+        so that a resumed run absorbs them at the same step as an uninterrupted one)."""
+        self._reap(math.inf)
+        for j, (_, y) in sorted(self.pending.items()):
+            if j not in self.received:
+                self.received[j] = self._recv((len(y),), TAG_BACK, self.rank + 1, "backward message")
+        steps = sorted(self.pending)
+        return {"partition": torch.tensor(self.counts), "pending_steps": torch.tensor(steps, dtype=torch.int64),
+                "pending_h": [self.pending[j][0] for j in steps], "pending_y": [self.pending[j][1] for j in steps],
+                "pending_back": [self.received[j] for j in steps]}
+
+    def load_state(self, state: dict[str, Any]) -> None:
+        """Restore :meth:`state` (the partition must be this pipeline's)."""
+        if state["partition"].tolist() != self.counts:
+            raise ValueError(f"the checkpoint was written with partition {state['partition'].tolist()}, "
+                             f"this run has {self.counts}")
+        for j, h, y, back in zip(state["pending_steps"].tolist(), state["pending_h"], state["pending_y"],
+                                 state["pending_back"]):
+            self.pending[j], self.received[j] = (h.to(self.device), y.to(self.device)), back.to(self.device)
+
+    def gather(self) -> None:
+        """Every rank gets every node's parameters and buffers (heads included) from its owner."""
+        for k, node in enumerate(self.net.nodes):
+            for t in node.state_dict().values():
+                if isinstance(t, torch.Tensor):
+                    self._guard(lambda: dist.broadcast(t, src=self.owner(k)), self.owner(k), f"node {k}'s state")
+
+    # ---- point to point ------------------------------------------------------------------
+    def _absorb(self, upto: float) -> None:
+        for j in sorted(self.pending):
+            if j > upto:
+                break
+            h, y = self.pending.pop(j)
+            back = self.received.pop(j, None)
+            if back is None:
+                back = self._recv((len(y),), TAG_BACK, self.rank + 1, "backward message", h.dtype)
+            self.stage.absorb(self.net, self.last, h, y, back, j)
+
+    def _send(self, t: torch.Tensor, dst: int, tag: int, step: int) -> None:
+        t = t.contiguous()  # the very tensor sent must live until the send completes
+        work = self._guard(lambda: dist.isend(t, dst, tag=tag), dst, "a send")
+        self.sends.append((step, work, t))
+
+    def _reap(self, step: float) -> None:
+        """Wait for sends of steps before step-1: at most two steps of messages in flight."""
+        while self.sends and self.sends[0][0] < step - 1:
+            _, work, _ = self.sends.pop(0)
+            self._guard(work.wait, None, "a send to complete")
+
+    def _recv(self, shape, tag: int, src: int, what: str, dtype: torch.dtype | None = None) -> torch.Tensor:
+        t = torch.empty(shape, dtype=dtype or next(self.net.parameters()).dtype, device=self.device)
+        start = time.perf_counter()
+        self._guard(lambda: dist.recv(t, src, tag=tag), src, what)
+        self.wait_seconds += time.perf_counter() - start
+        return t
+
+    def _guard(self, fn, peer: int | None, what: str):
+        try:
+            return fn()
+        except (RuntimeError, dist.DistError) as exc:
+            who = "a peer rank" if peer is None else f"rank {peer}"
+            raise DistributedError(f"rank {self.rank}: waiting for {what} from {who} failed at step "
+                                   f"{self.net.steps} (timeout {self.timeout:g} s): {who} died, hung or closed "
+                                   f"the connection ({type(exc).__name__}: {str(exc).splitlines()[0]})") from exc
+
+
+# ---- process groups and local launch ---------------------------------------------------
+def init_from_env(timeout: float, device_type: str = "cpu") -> tuple[int, int]:
+    """Join the process group that RANK, WORLD_SIZE, MASTER_ADDR and MASTER_PORT describe
+    (as torchrun sets them): gloo on CPU, NCCL on CUDA. Returns (rank, world size)."""
+    backend = "nccl" if device_type == "cuda" else "gloo"
+    try:
+        dist.init_process_group(backend, timeout=datetime.timedelta(seconds=timeout))
+    except (RuntimeError, ValueError, dist.DistError) as exc:
+        raise DistributedError(f"rank {os.environ.get('RANK', '?')}: could not join the {backend} process group "
+                               f"at {os.environ.get('MASTER_ADDR')}:{os.environ.get('MASTER_PORT')} within "
+                               f"{timeout:g} s ({exc})") from exc
+    return dist.get_rank(), dist.get_world_size()
+
+
+def free_port() -> int:
+    """A TCP port on localhost that was free a moment ago."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def launch(argv: list[str], ranks: int, grace: float = 5.0) -> int:
+    """Run ``python -m localprop <argv>`` as ``ranks`` local processes of one gloo group on
+    localhost. When a rank exits with an error, the others are terminated (SIGTERM, then
+    SIGKILL after ``grace`` seconds) and a DistributedError names it. Returns 0."""
+    env = {**os.environ, "WORLD_SIZE": str(ranks), "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(free_port())}
+    procs = [subprocess.Popen([sys.executable, "-m", "localprop", *argv],
+                              env={**env, "RANK": str(r), "LOCAL_RANK": str(r)}) for r in range(ranks)]
+    try:
+        while True:
+            codes = [p.poll() for p in procs]
+            failed = [(r, c) for r, c in enumerate(codes) if c not in (None, 0)]
+            if failed:
+                r, code = failed[0]
+                why = f"signal {signal.Signals(-code).name}" if code < 0 else f"exit code {code}"
+                raise DistributedError(f"rank {r} of {ranks} stopped with {why}; the other ranks were stopped")
+            if all(c == 0 for c in codes):
+                return 0
+            time.sleep(0.1)
+    finally:
+        _stop(procs, grace)
+
+
+def _stop(procs: list[subprocess.Popen], grace: float) -> None:
+    alive = [p for p in procs if p.poll() is None]
+    for p in alive:
+        p.terminate()
+    deadline = time.monotonic() + grace
+    for p in alive:
+        try:
+            p.wait(max(0.0, deadline - time.monotonic()))
+        except subprocess.TimeoutExpired:
+            p.kill()
+            p.wait()
