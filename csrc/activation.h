@@ -19,7 +19,7 @@ enum Activation : int64_t { kNone = 0, kRelu = 1, kTanh = 2, kSigmoid = 3, kGelu
 template <typename T>
 LOCALPROP_HOST_DEVICE inline T activate(T z, int64_t act) {
   switch (act) {
-    case kRelu: return z > T(0) ? z : T(0);
+    case kRelu: return z <= T(0) ? T(0) : z;  // NaN stays NaN, as torch.relu
     case kTanh: return std::tanh(z);
     case kSigmoid: return T(1) / (T(1) + std::exp(-z));
     case kGelu: return T(0.5) * z * (T(1) + std::erf(z * T(M_SQRT1_2)));

@@ -67,7 +67,9 @@ def _softmax_ce_kernel(
         row_sum = row_sum * tl.exp(row_max - new_max) + tl.sum(tl.exp(logits - new_max[:, None]), axis=1)
         row_max = new_max
         target += tl.sum(tl.where(cls[None, :] == label[:, None], logits, 0.0), axis=1)
-    tl.store(loss_ptr + rows, row_max + tl.log(row_sum) - target, mask=row_ok)
+    # (max - target) first: adding log(sum) to the max before subtracting would round away
+    # a loss far below the logits' ulp (confident predictions; a loss of 1e-7 read as 0)
+    tl.store(loss_ptr + rows, (row_max - target) + tl.log(row_sum), mask=row_ok)
     # Pass 2: dlogits = (softmax - onehot) / B over the stored logits, in place.
     for c0 in range(0, C, BLOCK_C):
         cls = c0 + tl.arange(0, BLOCK_C)

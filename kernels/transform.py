@@ -15,7 +15,7 @@ NONE, RELU, TANH, SIGMOID, GELU = 0, 1, 2, 3, 4
 def _activate(z, ACTIVATION: tl.constexpr):
     """σ(z) in z's (accumulator) precision, the same functions as torch.nn.functional."""
     if ACTIVATION == 1:
-        return tl.where(z > 0, z, 0.0)
+        return tl.where(z <= 0, 0.0, z)  # NaN stays NaN, as torch.relu
     if ACTIVATION == 2:
         # tl.math has no tanh that the interpreter also runs. (1 - e) / (1 + e) with
         # e = exp(-2|z|) <= 1 never overflows and is within an ulp of 1 in absolute terms;

@@ -34,7 +34,7 @@ void activate_rows(T* z, uint8_t* mask, int64_t rows, int64_t n, int64_t act) {
           for (int64_t j = j0; j < j1; ++j) {
             const bool on = row[j] > T(0);
             bits |= static_cast<uint8_t>(on) << (j - j0);
-            row[j] = on ? row[j] : T(0);
+            row[j] = row[j] <= T(0) ? T(0) : row[j];  // NaN stays NaN, as torch.relu
           }
           mrow[j0 / 8] = bits;
         }

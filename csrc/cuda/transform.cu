@@ -22,7 +22,7 @@ __global__ void relu_mask_kernel(T* __restrict__ z, uint8_t* __restrict__ mask, 
     for (int64_t c = c0; c < c1; ++c) {
       const bool on = row[c] > T(0);
       bits |= static_cast<uint8_t>(on) << (c - c0);
-      if (!on) row[c] = T(0);
+      if (row[c] <= T(0)) row[c] = T(0);  // NaN stays NaN, as torch.relu
     }
     mask[i] = bits;
   }
