@@ -216,8 +216,8 @@ class Pipeline:
         self.delay = 0 if mode == "sync" else staleness
         self.timeout = timeout
         self.device = next(net.parameters()).device
-        self.pending: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}  # step -> (h, y) awaiting a backward message
-        self.received: dict[int, torch.Tensor] = {}
+        # step -> (h, y, buffer, its irecv or None once arrived): outputs awaiting their backward message
+        self.pending: dict[int, list] = {}
         self.sends: list[tuple[int, Any]] = []
         self.wait_seconds = 0.0
         net._set_backend(self.device)
@@ -257,13 +257,15 @@ class Pipeline:
             if self.stage.forward:
                 self._send(message, self.rank + 1, TAG_MESSAGE, step)
             if self.stage.backward:
-                self.pending[step] = (h, y)
+                self._expect_back(step, h, y)
         net.steps += 1
         return losses
 
     def flush(self) -> None:
-        """Wait until every send of this rank has completed."""
+        """Wait until every send and every posted receive of this rank has completed."""
         self._reap(math.inf)
+        for entry in self.pending.values():
+            self._arrived(entry)
 
     def finish(self) -> None:
         """At the end of training: absorb every outstanding backward message, wait for the sends."""
@@ -273,16 +275,12 @@ class Pipeline:
     # ---- checkpoints ----------------------------------------------------------------------
     def state(self) -> dict[str, Any]:
         """What a checkpoint needs beyond the network: the partition and the outputs still
-        waiting for their backward message, with the messages (received now, not absorbed,
-        so that a resumed run absorbs them at the same step as an uninterrupted one)."""
-        self._reap(math.inf)
-        for j, (_, y) in sorted(self.pending.items()):
-            if j not in self.received:
-                self.received[j] = self._recv((len(y),), TAG_BACK, self.rank + 1, "backward message")
+        waiting to absorb their backward message, with the messages (received now, not
+        absorbed, so that a resumed run absorbs them at the same step as an uninterrupted one)."""
+        self.flush()
         steps = sorted(self.pending)
         return {"partition": torch.tensor(self.counts), "pending_steps": torch.tensor(steps, dtype=torch.int64),
-                "pending_h": [self.pending[j][0] for j in steps], "pending_y": [self.pending[j][1] for j in steps],
-                "pending_back": [self.received[j] for j in steps]}
+                **{f"pending_{name}": [self.pending[j][i] for j in steps] for i, name in enumerate(("h", "y", "back"))}}
 
     def load_state(self, state: dict[str, Any]) -> None:
         """Restore :meth:`state` (the partition must be this pipeline's)."""
@@ -291,7 +289,7 @@ class Pipeline:
                              f"this run has {self.counts}")
         for j, h, y, back in zip(state["pending_steps"].tolist(), state["pending_h"], state["pending_y"],
                                  state["pending_back"]):
-            self.pending[j], self.received[j] = (h.to(self.device), y.to(self.device)), back.to(self.device)
+            self.pending[j] = [h.to(self.device), y.to(self.device), back.to(self.device), None]
 
     def gather(self) -> None:
         """Every rank gets every node's parameters and buffers (heads included) from its owner."""
@@ -301,15 +299,27 @@ class Pipeline:
                     self._guard(lambda: dist.broadcast(t, src=self.owner(k)), self.owner(k), f"node {k}'s state")
 
     # ---- point to point ------------------------------------------------------------------
+    def _expect_back(self, step: int, h: torch.Tensor, y: torch.Tensor) -> None:
+        """Post the receive of step's backward message now, so that the sender never waits
+        for this rank to reach the step that absorbs it."""
+        back = torch.empty(len(y), dtype=h.dtype, device=self.device)
+        work = self._guard(lambda: dist.irecv(back, self.rank + 1, tag=TAG_BACK), self.rank + 1, "a receive")
+        self.pending[step] = [h, y, back, work]
+
+    def _arrived(self, entry: list) -> None:
+        if entry[3] is not None:
+            start = time.perf_counter()
+            self._guard(entry[3].wait, self.rank + 1, "a backward message")
+            self.wait_seconds += time.perf_counter() - start
+            entry[3] = None
+
     def _absorb(self, upto: float) -> None:
         for j in sorted(self.pending):
             if j > upto:
                 break
-            h, y = self.pending.pop(j)
-            back = self.received.pop(j, None)
-            if back is None:
-                back = self._recv((len(y),), TAG_BACK, self.rank + 1, "backward message", h.dtype)
-            self.stage.absorb(self.net, self.last, h, y, back, j)
+            entry = self.pending.pop(j)
+            self._arrived(entry)
+            self.stage.absorb(self.net, self.last, entry[0], entry[1], entry[2], j)
 
     def _send(self, t: torch.Tensor, dst: int, tag: int, step: int) -> None:
         t = t.contiguous()  # the very tensor sent must live until the send completes
@@ -322,8 +332,8 @@ class Pipeline:
             _, work, _ = self.sends.pop(0)
             self._guard(work.wait, None, "a send to complete")
 
-    def _recv(self, shape, tag: int, src: int, what: str, dtype: torch.dtype | None = None) -> torch.Tensor:
-        t = torch.empty(shape, dtype=dtype or next(self.net.parameters()).dtype, device=self.device)
+    def _recv(self, shape, tag: int, src: int, what: str) -> torch.Tensor:
+        t = torch.empty(shape, dtype=next(self.net.parameters()).dtype, device=self.device)
         start = time.perf_counter()
         self._guard(lambda: dist.recv(t, src, tag=tag), src, what)
         self.wait_seconds += time.perf_counter() - start

@@ -1,0 +1,133 @@
+"""The decoupled pipeline over gloo processes on CPU: bit-for-bit equality with one
+process (greedy; sgr's forward messages; critic's backward messages), async resume,
+refused rules, and a dead or hung rank stopping the run with a clear error in bounded time."""
+import os
+import signal
+import time
+
+import pytest
+import torch
+from torch import nn
+
+from localprop import distributed, rules
+from localprop.cli import main
+from localprop.cli.train import rank_checkpoint
+
+BASE = ["train", "--epochs", "1", "--batch-size", "64", "--model", "mlp:64,32,32,10", "--threads", "1",
+        "--quiet", "--timeout", "20"]
+
+
+@pytest.fixture(autouse=True)
+def threads():
+    before = torch.get_num_threads()
+    yield
+    torch.set_num_threads(before)
+
+
+def train(tmp_path, name, *extra):
+    path = tmp_path / f"{name}.pt"
+    assert main([*BASE, "--checkpoint", str(path), *extra]) == 0
+    return path
+
+
+def owned(path, ranks):
+    """{state key: tensor} of every node from the rank checkpoint that trained it."""
+    out = {}
+    for r in range(ranks):
+        ck = torch.load(rank_checkpoint(path, r), weights_only=True)
+        counts = ck["extra"]["partition"].tolist()
+        mine = range(sum(counts[:r]), sum(counts[:r + 1]))
+        out.update({k: v for k, v in ck["net"].items() if k.startswith("nodes.") and int(k.split(".")[1]) in mine})
+    return out
+
+
+def assert_same_nodes(single, dist_path, ranks):
+    reference = {k: v for k, v in torch.load(single, weights_only=True)["net"].items() if k.startswith("nodes.")}
+    got = owned(dist_path, ranks)
+    assert got.keys() == reference.keys()
+    for key, value in reference.items():
+        assert torch.equal(value, got[key]), key
+
+
+@pytest.mark.parametrize("rule, ranks, partition", [
+    ("greedy", 2, "\"cost\""),
+    ("sgr", 2, "[1, 2]"),      # SGR's gradient message crosses the boundary forward
+    ("critic", 3, "[1, 1, 1]"),  # per-sample losses cross both boundaries backward
+])
+def test_sync_pipeline_equals_one_process_bit_for_bit(tmp_path, rule, ranks, partition):
+    single = train(tmp_path, "single", "--rule", rule)
+    cfg = tmp_path / "c.json"
+    cfg.write_text(f'{{"distributed": {{"partition": {partition}}}}}')
+    dist_path = train(tmp_path, "dist", "--rule", rule, "--ranks", str(ranks), "--config", str(cfg))
+    assert_same_nodes(single, dist_path, ranks)
+
+
+def test_async_critic_is_stale_and_resumes_exactly(tmp_path):
+    args = ("--rule", "critic", "--ranks", "2", "--mode", "async", "--staleness", "2")
+    straight = train(tmp_path, "straight", *args)
+    stopped = train(tmp_path, "stopped", *args, "--max-steps", "11")
+    ck = torch.load(rank_checkpoint(stopped, 0), weights_only=True)["extra"]
+    assert ck["pending_steps"].tolist() == [8, 9, 10]  # staleness + 1 outputs wait for their message
+    assert len(ck["pending_back"]) == 3
+    assert main([*BASE, "--checkpoint", str(stopped), *args, "--resume"]) == 0
+    assert_same_nodes_between(straight, stopped)
+    sync = train(tmp_path, "sync", "--rule", "critic", "--ranks", "2")
+    a, b = owned(straight, 2), owned(sync, 2)
+    assert not all(torch.equal(a[k], b[k]) for k in a)  # the delay changes the run
+
+
+def assert_same_nodes_between(a_path, b_path):
+    a, b = owned(a_path, 2), owned(b_path, 2)
+    for key in a:
+        assert torch.equal(a[key], b[key]), key
+
+
+@pytest.mark.parametrize("rule", [rules.BP(), rules.BP(checkpoint=True), rules.PGL(), rules.LocProp(mode="sync")])
+def test_rules_needing_global_backprop_are_refused(rule):
+    with pytest.raises(distributed.NotDecoupled, match="global backpropagation"):
+        distributed.stage_for(rule)
+
+
+def test_partition_balances_the_slowest_stage():
+    assert distributed.partition([1, 1, 1, 1], 2) == [2, 2]
+    assert distributed.partition([5, 1, 1, 1], 2) == [1, 3]
+    assert distributed.partition([1, 1, 1, 6], 2) == [3, 1]
+    assert distributed.partition([4, 1, 1, 1, 1, 4], 3) == [1, 4, 1]
+    with pytest.raises(ValueError, match="at least one node"):
+        distributed.partition([1, 1], 3)
+
+
+class Fault(nn.Module):
+    """Identity until its 6th call on rank 1 (the dry run makes one), then dies or hangs."""
+
+    def __init__(self, action: str) -> None:
+        super().__init__()
+        self.action, self.calls = action, 0
+
+    def forward(self, x):
+        self.calls += 1
+        if os.environ.get("RANK") == "1" and self.calls == 6:
+            if self.action == "kill":
+                os.kill(os.getpid(), signal.SIGKILL)
+            time.sleep(600)
+        return x
+
+
+def faulty_model(action: str) -> nn.Sequential:
+    return nn.Sequential(nn.Linear(64, 32), nn.ReLU(), nn.Linear(32, 10), Fault(action))
+
+
+@pytest.mark.parametrize("action, message", [
+    ("kill", "rank 1 of 2 stopped with signal SIGKILL"),
+    ("hang", "rank 0 of 2 stopped with exit code 1"),  # rank 0 times out waiting for rank 1
+])
+def test_dead_or_hung_rank_stops_the_run(tmp_path, capfd, action, message):
+    cfg = tmp_path / "c.json"
+    cfg.write_text('{"model": {"module": "tests.test_distributed:faulty_model", "nodes": 2, "kwargs": '
+                   f'{{"action": "{action}"}}}}, "distributed": {{"partition": [1, 1], "timeout": 5}}}}')
+    start = time.monotonic()
+    with pytest.raises(distributed.DistributedError, match=message):
+        main(["train", "--config", str(cfg), "--ranks", "2", "--epochs", "3", "--threads", "1", "--quiet"])
+    assert time.monotonic() - start < 60
+    if action == "hang":
+        assert "rank 0: waiting for" in capfd.readouterr().err
