@@ -10,7 +10,7 @@ Per (dataset, model, depth, rule): test accuracy mean ± std over the seeds, pea
 memory (lp.memory.measure_step, one batch), training seconds per epoch, and for rules with
 heads the progressive inference at threshold 0.9 (accuracy, fraction of the FLOPs).
 
-    python bench/rules/run.py            # full run (about 15 minutes on 2 CPU cores)
+    python bench/rules/run.py            # full run (12.5 minutes on one thread of a shared 2-core CPU)
     python bench/rules/run.py --quick    # smoke run, nothing written
 
 Rows are appended to bench/results/rules.csv; bench/results/rules.md gets the table.
