@@ -71,9 +71,6 @@ def test_async_critic_is_stale_and_resumes_exactly(tmp_path):
     assert len(ck["pending_back"]) == 3
     assert main([*BASE, "--checkpoint", str(stopped), *args, "--resume"]) == 0
     assert_same_nodes_between(straight, stopped)
-    sync = train(tmp_path, "sync", "--rule", "critic", "--ranks", "2")
-    a, b = owned(straight, 2), owned(sync, 2)
-    assert not all(torch.equal(a[k], b[k]) for k in a)  # the delay changes the run
 
 
 def assert_same_nodes_between(a_path, b_path):

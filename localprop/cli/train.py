@@ -170,9 +170,11 @@ def _train_rank(cfg, args, rank, world):
         with _measured(net, peak == 0) as measure:
             # no send may be in flight across the profiler's start or stop: with gloo
             # (torch 2.13) such a send was seen to deliver corrupted activations
-            measure.on and pipe.flush()
+            if measure.on:
+                pipe.flush()
             pipe.step(x if rank == 0 else None, y)
-            measure.on and pipe.flush()
+            if measure.on:
+                pipe.flush()
         peak = measure.bytes or peak
         pos.position += 1
         bar.update(1)
@@ -257,7 +259,8 @@ def _model_flag(text: str, nodes: int | None) -> dict:
 
 def run(args) -> int:
     cfg = config.resolve(table(args))
-    torch.set_num_threads(args.threads) if args.threads else None
+    if args.threads:
+        torch.set_num_threads(args.threads)
     world = int(os.environ.get("WORLD_SIZE", "1"))
     if args.ranks > 1 and "RANK" not in os.environ:
         return _launch(cfg, args)
