@@ -120,9 +120,17 @@ void check_factors(const char* op, const at::Tensor& param, const at::Tensor& er
               ", got ", inp->scalar_type());
 }
 
-// Rows per gradient tile: about kTileBytes, but at least one tile per thread.
-int64_t tile_rows(int64_t n, int64_t k, int64_t elem_size) {
-  const int64_t per_thread = (n + at::get_num_threads() - 1) / at::get_num_threads();
+// How many threads a [n, k] update is worth: one per GRAIN_SIZE elements at most, so
+// that small parameters (heads, biases, narrow layers) run inline. A parallel region
+// costs a thread wake-up and barrier, about as much as the whole update of a
+// 16 x 16 weight, and far more when the cores are shared with other work.
+int64_t useful_threads(int64_t n, int64_t k) {
+  return std::max<int64_t>(1, std::min<int64_t>(at::get_num_threads(), n * k / at::internal::GRAIN_SIZE));
+}
+
+// Rows per gradient tile: about kTileBytes, but at least one tile per useful thread.
+int64_t tile_rows(int64_t n, int64_t k, int64_t elem_size, int64_t threads) {
+  const int64_t per_thread = (n + threads - 1) / threads;
   return std::max<int64_t>(1, std::min({n, per_thread, std::max(kMinTileRows, kTileBytes / (elem_size * k))}));
 }
 
@@ -141,9 +149,11 @@ void for_each_grad_tile(const at::Tensor& param, const at::Tensor& err, const c1
     return;
   }
   const int64_t n = param.size(0), k = param.size(1);
-  const int64_t rows_per_tile = tile_rows(n, k, sizeof(T));
+  const int64_t threads = useful_threads(n, k);
+  const int64_t rows_per_tile = tile_rows(n, k, sizeof(T), threads);
   const int64_t tiles = (n + rows_per_tile - 1) / rows_per_tile;
-  at::parallel_for(0, tiles, 1, [&](int64_t t0, int64_t t1) {
+  // a grain of tiles/threads: one chunk per useful thread, inline when that is one
+  at::parallel_for(0, tiles, (tiles + threads - 1) / threads, [&](int64_t t0, int64_t t1) {
     at::Tensor tile = at::empty({rows_per_tile, k}, param.options());
     for (int64_t t = t0; t < t1; ++t) {
       const int64_t r0 = t * rows_per_tile, rows = std::min(rows_per_tile, n - r0);
