@@ -20,6 +20,27 @@ void check_transform_args(const at::Tensor& u, const at::Tensor& w, const c10::o
   }
 }
 
+// ReLU in two passes over a row (it is in L1 by then): a branch-free max the compiler
+// vectorises, then the bits packed a byte at a time from the result (h > 0 exactly where
+// z > 0; a NaN stays NaN, as torch.relu, with its bit clear). The element-at-a-time
+// version with the packing inside took 0.18 ms beyond the GEMM at [256, 256] x [256, 256]
+// on 2 CPU threads; this one 0.03 ms (0.13 ms at width 1024).
+template <typename T>
+void relu_row(T* row, uint8_t* mask, int64_t n) {
+  for (int64_t j = 0; j < n; ++j) row[j] = row[j] <= T(0) ? T(0) : row[j];
+  const int64_t full = n / 8;
+  for (int64_t b = 0; b < full; ++b) {
+    const T* v = row + 8 * b;
+    mask[b] = static_cast<uint8_t>((v[0] > T(0)) | (v[1] > T(0)) << 1 | (v[2] > T(0)) << 2 | (v[3] > T(0)) << 3 |
+                                   (v[4] > T(0)) << 4 | (v[5] > T(0)) << 5 | (v[6] > T(0)) << 6 | (v[7] > T(0)) << 7);
+  }
+  if (full * 8 < n) {
+    uint8_t bits = 0;
+    for (int64_t j = full * 8; j < n; ++j) bits |= static_cast<uint8_t>(row[j] > T(0)) << (j - full * 8);
+    mask[full] = bits;
+  }
+}
+
 template <typename T>
 void activate_rows(T* z, uint8_t* mask, int64_t rows, int64_t n, int64_t act) {
   const int64_t mask_cols = (n + 7) / 8;
@@ -27,17 +48,7 @@ void activate_rows(T* z, uint8_t* mask, int64_t rows, int64_t n, int64_t act) {
     for (int64_t r = r0; r < r1; ++r) {
       T* row = z + r * n;
       if (act == kRelu) {
-        uint8_t* mrow = mask + r * mask_cols;
-        for (int64_t j0 = 0; j0 < n; j0 += 8) {
-          uint8_t bits = 0;
-          const int64_t j1 = std::min(j0 + 8, n);
-          for (int64_t j = j0; j < j1; ++j) {
-            const bool on = row[j] > T(0);
-            bits |= static_cast<uint8_t>(on) << (j - j0);
-            row[j] = row[j] <= T(0) ? T(0) : row[j];  // NaN stays NaN, as torch.relu
-          }
-          mrow[j0 / 8] = bits;
-        }
+        relu_row(row, mask + r * mask_cols, n);
       } else {
         for (int64_t j = 0; j < n; ++j) row[j] = activate(row[j], act);
       }
