@@ -21,14 +21,12 @@ from __future__ import annotations
 
 import argparse
 import functools
-import statistics
-import time
 
 import torch
 from torch import nn
 
 import localprop as lp
-from common import append_rows, stamp
+from common import append_rows, stamp, timings_ms
 from localprop.errors import check_finite
 
 BATCH, CLASSES = 256, 10
@@ -56,21 +54,6 @@ def batch(shape: tuple[int, ...]) -> tuple[torch.Tensor, torch.Tensor]:
     return torch.randn(BATCH, *shape, generator=gen), torch.randint(0, CLASSES, (BATCH,), generator=gen)
 
 
-def median_ms(steps: dict, rounds: int, per_round: int) -> dict[str, float]:
-    """Median ms per call of each callable, round-robin, after a warm-up of each."""
-    for fn in steps.values():
-        for _ in range(3):
-            fn()
-    times: dict[str, list[float]] = {name: [] for name in steps}
-    for _ in range(rounds):
-        for name, fn in steps.items():
-            t0 = time.perf_counter()
-            for _ in range(per_round):
-                fn()
-            times[name].append((time.perf_counter() - t0) / per_round * 1e3)
-    return {name: statistics.median(ts) for name, ts in times.items()}
-
-
 def checks_ms(x: torch.Tensor, nodes: int, rounds: int = 15, repeats: int = 100) -> float:
     """Median ms of the checks one step makes: x once, and one scalar loss per node."""
     loss = torch.tensor(1.0)
@@ -79,14 +62,14 @@ def checks_ms(x: torch.Tensor, nodes: int, rounds: int = 15, repeats: int = 100)
         check_finite(x, "0", 0, "input x")
         for _ in range(nodes):
             check_finite(loss, "0", 0, "loss")
-    return median_ms({"checks": checks}, rounds, repeats)["checks"]
+    return timings_ms({"checks": checks}, rounds, repeats)["checks"][0]
 
 
 def measure(name: str, make, shape: tuple[int, ...], nodes: int, rounds: int, per_round: int) -> dict:
     x, y = batch(shape)
     nets = {check: make(check) for check in (True, False)}
-    ms = median_ms({check: functools.partial(net.train_step, x, y) for check, net in nets.items()},
-                   rounds, per_round)
+    steps = {check: functools.partial(net.train_step, x, y) for check, net in nets.items()}
+    ms = {check: median for check, (median, _) in timings_ms(steps, rounds, per_round).items()}
     env, checks = stamp(), checks_ms(x, nodes)
     return {"date": env["date"], "model": name, "nodes": nodes, "batch": BATCH, "backend": "cpp",
             "on_ms": round(ms[True], 4), "off_ms": round(ms[False], 4),

@@ -101,14 +101,6 @@ def time_rows(args) -> list[dict]:
     return rows
 
 
-def show(title: str, rows: list[dict]) -> None:
-    print(f"\n{title}")
-    keys = list(rows[0])
-    print(" | ".join(keys))
-    for r in rows:
-        print(" | ".join(f"{r[k]:.3f}" if isinstance(r[k], float) else str(r[k]) for k in keys))
-
-
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--quick", action="store_true")
@@ -126,7 +118,7 @@ def main() -> None:
     stamp = common.stamp()
     for name, rows in (("engine_memory", memory_rows(args)), ("engine_accuracy", accuracy_rows(args)),
                        ("engine_time", time_rows(args))):
-        show(name, rows)
+        common.show(name, rows)
         if full:
             print("->", common.append_rows(name, [{**r, **stamp} for r in rows]))
 

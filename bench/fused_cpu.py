@@ -19,15 +19,13 @@ from __future__ import annotations
 
 import argparse
 import functools
-import statistics
-import time
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 import localprop as lp
-from common import append_rows, stamp
+from common import append_rows, stamp, timings_ms
 
 DEPTH, BATCH, CLASSES = 4, 256, 10
 SGD = functools.partial(torch.optim.SGD, lr=0.01, momentum=0.9, foreach=True)
@@ -93,23 +91,6 @@ VARIANTS = {
     "plain": plain_step,
     "gemm_floor": gemm_floor,
 }
-
-
-def timings_ms(steps: dict, rounds: int, per_round: int) -> dict[str, tuple[float, float]]:
-    """(median, min) time per call in ms of each callable, measured round-robin so that
-    drift in the machine's load falls on every variant alike; each is warmed up first.
-    The min is printed beside the median because shared machines add heavy noise."""
-    for fn in steps.values():
-        for _ in range(3):
-            fn()
-    times: dict[str, list[float]] = {name: [] for name in steps}
-    for _ in range(rounds):
-        for name, fn in steps.items():
-            t0 = time.perf_counter()
-            for _ in range(per_round):
-                fn()
-            times[name].append((time.perf_counter() - t0) / per_round * 1e3)
-    return {name: (statistics.median(ts), min(ts)) for name, ts in times.items()}
 
 
 def measure(width: int, rounds: int, per_round: int) -> list[dict]:

@@ -149,14 +149,6 @@ def concurrency_rows(args) -> list[dict]:
             for c, t in times.items()]
 
 
-def show(title: str, rows: list[dict]) -> None:
-    print(f"\n{title}")
-    keys = list(rows[0])
-    print(" | ".join(keys))
-    for r in rows:
-        print(" | ".join(f"{r[k]:.3f}" if isinstance(r[k], float) else str(r[k]) for k in keys))
-
-
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--quick", action="store_true")
@@ -173,7 +165,7 @@ def main() -> None:
     for name, rows in (("locprop_memory", mem), ("locprop_concurrency", concurrency_rows(args)),
                        ("locprop_time_to_target", time_to_target_rows(args)),
                        ("locprop_accuracy", accuracy_rows(args))):
-        show(name, rows)
+        common.show(name, rows)
         if full:
             print("->", common.append_rows(name, [{**r, **stamp} for r in rows]))
     if full:

@@ -1,6 +1,5 @@
 """Exact resume from a checkpoint for every rule and backend, atomic writes, determinism."""
 import functools
-import os
 
 import pytest
 import torch

@@ -2,7 +2,6 @@ import copy
 
 import torch
 
-import localprop as lp
 from localprop import data
 
 
