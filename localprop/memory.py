@@ -13,6 +13,8 @@ from __future__ import annotations
 
 import contextlib
 import gc
+import os
+import sys
 from dataclasses import asdict, dataclass
 from typing import Callable, Iterator
 
@@ -74,11 +76,32 @@ def track_peak(device: torch.device | str) -> Iterator[Peak]:
         peak.bytes = torch.cuda.max_memory_allocated(device) - base
     elif device.type == "cpu":
         from torch.profiler import ProfilerActivity, profile
-        with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        prof = profile(activities=[ProfilerActivity.CPU], profile_memory=True)
+        with _quiet_stderr():
+            prof.start()
+        try:
             yield peak
+        finally:
+            with _quiet_stderr():
+                prof.stop()
         peak.bytes = _profiler_peak(prof)
     else:
         raise ValueError(f"memory measurement supports cpu and cuda devices, got {device}")
+
+
+@contextlib.contextmanager
+def _quiet_stderr() -> Iterator[None]:
+    """Silence file descriptor 2 around the profiler's start and stop, which print a
+    trace line each from C++ that no setting turns off (only there: never around user code)."""
+    sys.stderr.flush()
+    saved = os.dup(2)
+    try:
+        with open(os.devnull, "w") as null:
+            os.dup2(null.fileno(), 2)
+        yield
+    finally:
+        os.dup2(saved, 2)
+        os.close(saved)
 
 
 def tensor_bytes(tensors) -> int:
