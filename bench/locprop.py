@@ -36,7 +36,7 @@ RULES = {
     "greedy": lambda: "greedy",
     "locprop sync transpose": lambda: LocProp(),
     "locprop sync feedback": lambda: LocProp(propagation="feedback"),
-    "locprop decoupled transpose": lambda: LocProp(mode="decoupled", eta=0.3),
+    "locprop decoupled transpose": lambda: LocProp(mode="decoupled"),
     "locprop decoupled feedback": lambda: LocProp(mode="decoupled", propagation="feedback"),
 }
 SGD = functools.partial(torch.optim.SGD, lr=0.05, momentum=0.9)

@@ -54,7 +54,11 @@ class LocProp(Rule):
 
     Args:
         propagation: "transpose" | "feedback" | "inverse", the maps P_kj.
-        eta: η > 0, the step of the local goals t_j = h_j − η Σ P_kj(ε_k).
+        eta: η > 0, the step of the local goals t_j = h_j − η Σ P_kj(ε_k). Default: 1 in
+            sync mode (backprop's special case); 0.1 in decoupled mode, where η scales a
+            regression of every hidden node toward its goal: at 1 it diverged on digits
+            after 5 epochs (SGD lr 0.05, momentum 0.9, width 256), at 0.1 it reached 98%
+            (feedback) and 94% (transpose) after 20.
         mode: "sync" | "decoupled".
         concurrent: in decoupled mode, overlap each node's update with the next node's
             forward (a worker thread on CPU, a side CUDA stream on GPU).
@@ -66,12 +70,14 @@ class LocProp(Rule):
     name = "locprop"
     graphs = True
 
-    def __init__(self, propagation: str = "transpose", eta: float = 1.0, mode: str = "sync",
+    def __init__(self, propagation: str = "transpose", eta: float | None = None, mode: str = "sync",
                  concurrent: bool = False, inverse_lr: float = 0.5, seed: int = 0) -> None:
         if propagation not in PROPAGATIONS:
             raise ValueError(f"LocProp: propagation must be one of {', '.join(PROPAGATIONS)}, got {propagation!r}")
         if mode not in MODES:
             raise ValueError(f"LocProp: mode must be one of {', '.join(MODES)}, got {mode!r}")
+        if eta is None:
+            eta = 1.0 if mode == "sync" else 0.1
         if not eta > 0:
             raise ValueError(f"LocProp: eta must be > 0, got {eta}")
         if not 0 < inverse_lr < 2:

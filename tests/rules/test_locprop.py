@@ -75,7 +75,7 @@ def test_feedback_messages_use_fixed_random_maps_not_weights():
 
 
 @pytest.mark.parametrize("rule", [LocProp(propagation="feedback"), LocProp(propagation="inverse"),
-                                  LocProp(mode="decoupled", eta=0.3), LocProp(mode="decoupled", propagation="feedback")],
+                                  LocProp(mode="decoupled"), LocProp(mode="decoupled", propagation="feedback")],
                          ids=repr)
 def test_variants_learn_digits(rule):
     torch.manual_seed(0)
