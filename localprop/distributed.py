@@ -83,8 +83,9 @@ class Stage:
         self.rule = rule
 
     def step(self, net, k: int, u: torch.Tensor, y: torch.Tensor, message, step: int):
-        """Node k's step: (h detached, loss, forward message or None, backward message or None)."""
-        raise NotImplementedError
+        """Node k's step: (h detached, loss, forward message or None, backward message or None).
+        Every rule the pipeline runs has a Stage subclass that defines it (see stage_for)."""
+        raise NotImplementedError(f"no pipeline stage for rule {self.rule.name!r}")
 
     def absorb(self, net, k: int, h: torch.Tensor, y: torch.Tensor, back: torch.Tensor, step: int) -> None:
         """Node k learns from node k+1's backward message of ``step`` (h: node k's output then)."""

@@ -8,7 +8,6 @@ float32 error is scaled by the ratio of the two dtypes' eps. Without CUDA everyt
 in Triton's interpreter (see conftest.py), so the shapes are small and deliberately odd.
 """
 import functools
-import importlib.util
 
 import pytest
 import torch
@@ -230,8 +229,6 @@ def test_opcheck(name, args):
                                        functools.partial(torch.optim.AdamW, lr=0.01, weight_decay=0.01)],
                          ids=["sgd-momentum", "adamw"])
 def test_training_agrees_with_reference(optimizer):
-    if importlib.util.find_spec("localprop.ops.fused_update") is None:
-        pytest.skip("localprop.ops.fused_update (the fused update's dispatch) is not there yet")
     x, y = torch.randn(24, 13), torch.randint(0, 5, (24,))
     nets = {}
     for backend in ("triton", "reference"):
