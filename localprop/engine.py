@@ -145,6 +145,7 @@ class LocalSequential(Network):
         if not isinstance(x, torch.Tensor) or not x.is_floating_point():
             got = x.dtype if isinstance(x, torch.Tensor) else type(x).__name__
             raise TypeError(f"node {first.name}: x must be a floating-point tensor, got {got}")
+        self._check_placement(first, "x", x)
         if x.dim() == 0 or x.shape[0] == 0:
             raise ValueError(f"node {first.name}: empty batch (x has shape {list(x.shape)})")
         if first.input_shape is not None and tuple(x.shape[1:]) != first.input_shape:
@@ -153,6 +154,8 @@ class LocalSequential(Network):
         if not isinstance(y, torch.Tensor) or y.dtype not in (torch.int64, torch.int32, torch.uint8):
             got = y.dtype if isinstance(y, torch.Tensor) else type(y).__name__
             raise TypeError(f"labels y must be an integer tensor, got {got}")
+        if y.device != x.device:
+            raise ValueError(f"labels y are on {y.device}, x on {x.device}")
         if y.shape != (x.shape[0],):
             raise ValueError(f"x and y disagree: x has a batch of {x.shape[0]}, y has shape {list(y.shape)} "
                              f"(expected [{x.shape[0]}])")

@@ -172,6 +172,7 @@ class LocalGraph(Network):
             if not isinstance(t, torch.Tensor) or not t.is_floating_point():
                 got = t.dtype if isinstance(t, torch.Tensor) else type(t).__name__
                 raise TypeError(f"node {reader!r}: input {name!r} must be a floating-point tensor, got {got}")
+            self._check_placement(self.graph_nodes[reader], f"input {name!r}", t)
             if t.dim() != 2 or t.shape[0] == 0:
                 raise ValueError(f"node {reader!r}: input {name!r} must be a non-empty [B, K] batch, "
                                  f"got {list(t.shape)}")

@@ -61,6 +61,17 @@ class Network(nn.Module, abc.ABC):
             node.optimizer = self.optimizer_factory(params) if params else None
         self.built = True
 
+    @staticmethod
+    def _check_placement(node, what: str, t: torch.Tensor) -> None:
+        """``t`` must be on the device and of the dtype of the node's parameters."""
+        like = next(node.parameters(), None)
+        if like is None:
+            return
+        if t.device != like.device:
+            raise ValueError(f"node {node.name}: {what} is on {t.device}, the node's parameters on {like.device}")
+        if t.dtype != like.dtype:
+            raise TypeError(f"node {node.name}: {what} is {t.dtype}, the node's parameters are {like.dtype}")
+
     # ---- running ----------------------------------------------------------------------
     def _set_backend(self, device: torch.device) -> None:
         if device not in self._backend_for:  # resolved once per device: it queries the dispatcher

@@ -22,6 +22,13 @@ def mlp_nodes(sizes, dtype=torch.float32, activation="relu"):
 SGD = functools.partial(torch.optim.SGD, lr=0.1, momentum=0.9)
 
 
+@pytest.fixture(autouse=True)
+def seeded():
+    """Every test starts from the same global RNG state, whatever ran before it, so a
+    test's random inputs and initial weights are the same on every run."""
+    torch.manual_seed(0)
+
+
 @pytest.fixture
 def batch():
     """A fresh random batch: x float32 [13, 9], y in [0, 5)."""

@@ -36,6 +36,17 @@ def test_bad_batches(net, x, y, error, match):
     assert unchanged(net, before) and net.steps == 0
 
 
+@pytest.mark.parametrize("x,error,match", [
+    (torch.empty(4, 9, device="meta"), ValueError, r"node 0: x is on meta, the node's parameters on cpu"),
+    (torch.randn(4, 9, dtype=torch.float64), TypeError, r"node 0: x is torch.float64, the node's parameters are torch.float32"),
+])
+def test_wrong_device_or_dtype(net, x, error, match):
+    with pytest.raises(error, match=match):
+        net.train_step(x, torch.zeros(4, dtype=torch.long))
+    with pytest.raises(ValueError, match=r"labels y are on meta, x on cpu"):
+        net.train_step(torch.randn(4, 9), torch.zeros(4, dtype=torch.long, device="meta"))
+
+
 def test_non_finite_input_raises_before_any_change(net):
     x = torch.randn(4, 9)
     x[2, 3] = float("nan")
@@ -48,7 +59,7 @@ def test_non_finite_input_raises_before_any_change(net):
 @pytest.mark.parametrize("rule", ["greedy", "bp"])
 def test_non_finite_loss_names_node_and_step_and_changes_nothing(rule):
     net = lp.LocalSequential(*mlp_nodes([9, 16, 5]), rule=rule, num_classes=5, optimizer=SGD)
-    x, y = torch.randn(4, 9), torch.zeros(4, dtype=torch.long)
+    x, y = torch.ones(4, 9), torch.zeros(4, dtype=torch.long)  # x > 0: the inf weight reaches the loss
     net.train_step(x, y)
     with torch.no_grad():
         net.nodes[0].weight[0, 0] = float("inf")
