@@ -9,19 +9,10 @@
 #include <vector>
 
 #include "../activation.h"
+#include "../op_args.h"
 
 namespace localprop {
 namespace {
-
-struct HeadErrorArgs {
-  const at::Tensor& h;
-  const at::Tensor& aux;
-  const c10::optional<at::Tensor>& head_weight;
-  const c10::optional<at::Tensor>& head_bias;
-  const at::Tensor& y;
-  int64_t act;
-  const c10::optional<at::Tensor>& weight;
-};
 
 void check_dtype(const char* name, const at::Tensor& t, const at::Tensor& h) {
   TORCH_CHECK(t.scalar_type() == h.scalar_type(), "head_error: ", name, " must have h's dtype ",

@@ -9,6 +9,8 @@
 
 #include <cmath>
 
+#include "../op_args.h"
+
 namespace localprop {
 namespace {
 
@@ -91,14 +93,6 @@ AdamLoop<T> pick_adam_loop(int decay) {
   return decay == kL2 ? &adam_loop<T, kL2, kLerpLow> : &adam_loop<T, kNoDecay, kLerpLow>;
 }
 
-void check_same(const char* op, const char* name, const at::Tensor& t, const at::Tensor& param) {
-  TORCH_CHECK(t.sizes() == param.sizes(), op, ": ", name, " must have param's shape ", param.sizes(), ", got ",
-              t.sizes());
-  TORCH_CHECK(t.scalar_type() == param.scalar_type(), op, ": ", name, " must have param's dtype ",
-              param.scalar_type(), ", got ", t.scalar_type());
-  TORCH_CHECK(t.is_contiguous(), op, ": ", name, " must be contiguous");
-}
-
 // param is [N, K] with inp [B, K], or [N] with inp None; err is [B, N] in both cases.
 void check_factors(const char* op, const at::Tensor& param, const at::Tensor& err,
                    const c10::optional<at::Tensor>& inp) {
@@ -171,7 +165,7 @@ void sgd_update_cpu(const at::Tensor& param, const at::Tensor& err, const c10::o
   const bool has_momentum = momentum != 0;
   TORCH_CHECK(!has_momentum || momentum_buffer.has_value(), "sgd_update_: momentum=", momentum,
               " needs a momentum_buffer");
-  if (has_momentum) check_same("sgd_update_", "momentum_buffer", *momentum_buffer, param);
+  if (has_momentum) check_state_like("sgd_update_", "momentum_buffer", *momentum_buffer, param);
   const int mode = !has_momentum ? kNoMomentum : first_step ? kFirstStep : kRunning;
   AT_DISPATCH_FLOATING_TYPES(param.scalar_type(), "sgd_update_cpu", [&] {
     using T = scalar_t;
@@ -190,8 +184,8 @@ void adam_update_cpu(const at::Tensor& param, const at::Tensor& err, const c10::
                      const at::Tensor& exp_avg, const at::Tensor& exp_avg_sq, double lr, double beta1, double beta2,
                      double eps, double weight_decay, bool decoupled, bool maximize, int64_t step) {
   check_factors("adam_update_", param, err, inp);
-  check_same("adam_update_", "exp_avg", exp_avg, param);
-  check_same("adam_update_", "exp_avg_sq", exp_avg_sq, param);
+  check_state_like("adam_update_", "exp_avg", exp_avg, param);
+  check_state_like("adam_update_", "exp_avg_sq", exp_avg_sq, param);
   TORCH_CHECK(step >= 1, "adam_update_: step is the count after this update and must be >= 1, got ", step);
   const double bias_correction1 = 1 - std::pow(beta1, double(step));
   const double bias_correction2 = 1 - std::pow(beta2, double(step));

@@ -5,6 +5,7 @@
 //   - the loss reduction, one block, in row order so the loss is deterministic;
 //   - the slope pass, err = g * act'(z) in place, reading the transform's aux.
 #include "common.cuh"
+#include "../op_args.h"
 
 namespace localprop {
 namespace cuda {
@@ -70,16 +71,6 @@ __global__ void slope_kernel(const T* g, const void* __restrict__ slope, T* err,
     }
   }
 }
-
-struct HeadErrorArgs {
-  const at::Tensor& h;
-  const at::Tensor& aux;
-  const c10::optional<at::Tensor>& head_weight;
-  const c10::optional<at::Tensor>& head_bias;
-  const at::Tensor& y;
-  int64_t act;
-  const c10::optional<at::Tensor>& weight;
-};
 
 void check_aux(const HeadErrorArgs& a) {
   const int64_t rows = a.h.size(0), n = a.h.size(1);

@@ -7,6 +7,8 @@
 
 #include <cmath>
 
+#include "../op_args.h"
+
 namespace localprop {
 namespace cuda {
 namespace {
@@ -78,11 +80,7 @@ __global__ void adam_kernel(P* __restrict__ param, P* __restrict__ exp_avg, P* _
 
 void check_state(const char* op, const char* name, const at::Tensor& t, const at::Tensor& param) {
   check_cuda(op, name, t, param);
-  TORCH_CHECK(t.sizes() == param.sizes(), op, ": ", name, " must have param's shape ", param.sizes(), ", got ",
-              t.sizes());
-  TORCH_CHECK(t.scalar_type() == param.scalar_type(), op, ": ", name, " must have param's dtype ",
-              param.scalar_type(), ", got ", t.scalar_type());
-  TORCH_CHECK(t.is_contiguous(), op, ": ", name, " must be contiguous");
+  check_state_like(op, name, t, param);
 }
 
 // param is [N, K] with inp [B, K], or [N] with inp None; err is [B, N] in both cases.
