@@ -119,6 +119,15 @@ class _CriticStage(Stage):
         self.rule.train_critic(net, k, h, y, back, step)
 
 
+class _LocPropStage(Stage):
+    """Decoupled LocProp with fixed feedback maps: a node's goal comes from the labels
+    through maps every process holds, so nothing but activations crosses ranks."""
+
+    def step(self, net, k, u, y, message, step):
+        h, loss = self.rule.node_step(net, k, u, y, step)
+        return h, loss, None, None
+
+
 def stage_for(rule: rules.Rule) -> Stage:
     """The Stage of ``rule``, or NotDecoupled/ValueError saying why it cannot run distributed."""
     name = getattr(rule, "name", type(rule).__name__)
@@ -126,6 +135,12 @@ def stage_for(rule: rules.Rule) -> Stage:
         raise NotDecoupled(f"rule {name!r} needs global backpropagation (or top-down error vectors) through "
                            f"every node at every step, so its nodes cannot update apart: train it in one "
                            f"process, or pipeline it with torch.distributed.pipelining")
+    if isinstance(rule, rules.LocProp):
+        if rule.propagation != "feedback":
+            raise NotDecoupled(f"decoupled locprop with {rule.propagation!r} maps: a node's goal depends on "
+                               f"the current weights of the nodes after it, which other ranks own; use "
+                               f"propagation='feedback' (fixed maps) to train it distributed")
+        return _LocPropStage(rule)
     if isinstance(rule, rules.SGR):
         return _SGRStage(rule)
     if isinstance(rule, rules.Critic):
@@ -133,8 +148,8 @@ def stage_for(rule: rules.Rule) -> Stage:
     if isinstance(rule, rules.LocalRule):
         return _LocalRuleStage(rule)
     raise NotDecoupled(f"rule {name!r} has no distributed stage: its step uses state over all nodes "
-                       f"(bll's prototype chain, locprop's composite maps); supported: greedy, sgr, critic "
-                       f"and any LocalRule")
+                       f"(bll's prototype chain through every feedback network); supported: greedy, sgr, "
+                       f"critic, decoupled locprop with feedback maps, and any LocalRule")
 
 
 # ---- partition -------------------------------------------------------------------------

@@ -53,12 +53,15 @@ def assert_same_nodes(single, dist_path, ranks):
     ("greedy", 2, "\"cost\""),
     ("sgr", 2, "[1, 2]"),      # SGR's gradient message crosses the boundary forward
     ("critic", 3, "[1, 1, 1]"),  # per-sample losses cross both boundaries backward
+    ('{"name": "locprop", "mode": "decoupled", "propagation": "feedback"}', 2, "[2, 1]"),  # goals from labels
 ])
 def test_sync_pipeline_equals_one_process_bit_for_bit(tmp_path, rule, ranks, partition):
-    single = train(tmp_path, "single", "--rule", rule)
     cfg = tmp_path / "c.json"
-    cfg.write_text(f'{{"distributed": {{"partition": {partition}}}}}')
-    dist_path = train(tmp_path, "dist", "--rule", rule, "--ranks", str(ranks), "--config", str(cfg))
+    rule_value = rule if rule.startswith("{") else f'"{rule}"'
+    (tmp_path / "single.json").write_text(f'{{"rule": {rule_value}}}')
+    cfg.write_text(f'{{"rule": {rule_value}, "distributed": {{"partition": {partition}}}}}')
+    single = train(tmp_path, "single", "--config", str(tmp_path / "single.json"))
+    dist_path = train(tmp_path, "dist", "--ranks", str(ranks), "--config", str(cfg))
     assert_same_nodes(single, dist_path, ranks)
 
 
@@ -83,6 +86,11 @@ def assert_same_nodes_between(a_path, b_path):
 def test_rules_needing_global_backprop_are_refused(rule):
     with pytest.raises(distributed.NotDecoupled, match="global backpropagation"):
         distributed.stage_for(rule)
+
+
+def test_decoupled_locprop_needs_fixed_maps():
+    with pytest.raises(distributed.NotDecoupled, match="use propagation='feedback'"):
+        distributed.stage_for(rules.LocProp(mode="decoupled"))
 
 
 def test_partition_balances_the_slowest_stage():

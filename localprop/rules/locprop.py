@@ -241,26 +241,45 @@ class LocProp(Rule):
         with _Overlap(self.concurrent, next(iter(feeds.values())).device) as overlap:
             for node in topo.order:
                 u = gather(topo, node.name, values)
-                h, aux = node.transform(u)
                 for i in topo.inputs[node.name]:  # free inputs once their last reader has them
                     left[i] -= 1
                     if left[i] == 0:
                         del values[i]
-                g = self._hidden_goal_error(net, node, h, codes)
-                if g is not None:
-                    losses[node.name] = 0.5 * len(h) * (g * g).sum() / self.eta
-                if node.name in topo.goals:
-                    loss, dl, _, _ = self._goal(node, topo, h, aux, targets[topo.goals[node.name].target], False)
-                    losses[node.name] = loss
-                    g = dl if g is None else g.add_(dl)
-                if g is None:
-                    raise ValueError(f"node {node.name}: no goal is downstream of it, so it has no error")
-                self._check(net, node, losses[node.name], step)
-                err = node.error(g, h, aux)
-                overlap.run(node.apply_error, u, err)
+                h, losses[node.name] = self._decoupled_node(net, topo, node, u, codes, targets, step, overlap.run)
                 if node.name in topo.consumers:
                     values[node.name] = h
         return StepResult(step, {name: float(v) for name, v in losses.items()})
+
+    def _decoupled_node(self, net, topo: Topology, node, u: torch.Tensor, codes, targets, step: int, run):
+        """One node's decoupled step: its forward, its goal error from the label codes (and
+        its own loss if it is a goal), then its update through ``run(apply_error, u, err)``.
+        Returns (h, its local loss)."""
+        h, aux = node.transform(u)
+        g = self._hidden_goal_error(net, node, h, codes)
+        loss = None if g is None else 0.5 * len(h) * (g * g).sum() / self.eta
+        if node.name in topo.goals:
+            loss, dl, _, _ = self._goal(node, topo, h, aux, targets[topo.goals[node.name].target], False)
+            g = dl if g is None else g.add_(dl)
+        if g is None:
+            raise ValueError(f"node {node.name}: no goal is downstream of it, so it has no error")
+        self._check(net, node, loss, step)
+        run(node.apply_error, u, node.error(g, h, aux))
+        return h, loss
+
+    @torch.no_grad()
+    def node_step(self, net, k: int, u: torch.Tensor, y: torch.Tensor, step: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Node k's decoupled step on a chain, alone: what a pipeline stage runs. Only with
+        fixed ("feedback") maps, whose composites every process can hold: with "transpose"
+        or "inverse" a node's goal would depend on other nodes' current weights.
+        u: [B, K] node k's input; y: int64 [B]. Returns (h [B, N], its local loss)."""
+        if self.mode != "decoupled" or self.propagation != "feedback":
+            raise ValueError(f"LocProp.node_step runs decoupled feedback LocProp only, not {self!r}")
+        topo = net.topology()
+        feeds, targets = net.feeds(u, y)
+        self._refresh_composite(net, topo, {"x": topo.order[0].weight.shape[1],
+                                            **{n.name: n.weight.shape[0] for n in topo.order}})
+        codes = {g: self._code(topo, g, targets[goal.target]) for g, goal in topo.goals.items()}
+        return self._decoupled_node(net, topo, topo.order[k], u, codes, targets, step, lambda fn, *a: fn(*a))
 
     @staticmethod
     def _code(topo, goal: str, target: torch.Tensor) -> torch.Tensor:
