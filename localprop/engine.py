@@ -77,6 +77,7 @@ class LocalSequential(Network):
         for k, node in enumerate(self.nodes):
             node.name = str(k)
         self.num_classes = num_classes
+        self._topology: Topology | None = None
         self._flops: Flops | None = None
         if all(n.input_shape is not None for n in self.nodes):
             self._check_chain()
@@ -131,10 +132,13 @@ class LocalSequential(Network):
 
     def topology(self) -> Topology:
         """The chain as a graph: node k reads node k-1 (node 0 reads "x"); the last node
-        is the goal, cross-entropy against "y"."""
-        names = [n.name for n in self.nodes]
-        inputs = {name: [prev] for prev, name in zip(["x"] + names, names)}
-        return Topology(list(self.nodes), inputs, {names[-1]: Goal(names[-1], "y")})
+        is the goal, cross-entropy against "y". Built once: the chain never changes, and
+        rules ask for it several times a step."""
+        if self._topology is None:
+            names = [n.name for n in self.nodes]
+            inputs = {name: [prev] for prev, name in zip(["x"] + names, names)}
+            self._topology = Topology(list(self.nodes), inputs, {names[-1]: Goal(names[-1], "y")})
+        return self._topology
 
     def feeds(self, x: torch.Tensor, y: torch.Tensor) -> tuple[dict, dict]:
         """The batch as graph rules see it: ({"x": x}, {"y": y})."""
