@@ -18,7 +18,11 @@ Messages, point to point (isend / recv), with the batch's labels known on every 
 - forward, rank r -> r+1: the activation h [B, ...]; SGR also its gradient message G_out
   (shaped like h);
 - backward, rank r+1 -> r: critic: the first node's per-sample losses ℓ [B], with which rank
-  r trains the critic of its last node on its own saved output of that step.
+  r trains the critic of its last node on its own saved output of that step; bll: the class
+  prototypes at the next rank's first node, P [classes, D], one small matrix per step (a
+  node's prototypes chain through the feedback nets of every node after it);
+- pgl, on its global steps: activations forward, then the gradient of each rank's output
+  backward, one synchronised end-to-end backprop step through the pipeline.
 Rules with nothing but activations crossing a boundary (greedy, any LocalRule whose
 node_step returns no message) need nothing else.
 
@@ -31,12 +35,16 @@ Schedules (``mode``):
   memory bound as well: a rank keeps staleness+1 outputs of its last node for its critic.
 For rules without backward messages the two modes are the same schedule.
 
+Bll's prototypes for step m depend on every later node's feedback net after step m-1, so
+in "sync" mode the pipeline runs serially (equal to one process, no speed-up); in "async"
+mode a rank reads the next rank's prototypes ``staleness`` steps late and the ranks run
+in parallel (see Pipeline._top_down). Pgl's global steps are synchronous in both modes.
+
 Refused, with an error saying why (:class:`NotDecoupled`): bp and bp+checkpoint (every
 step is one backward pass through all nodes: a backward-locked pipeline, which
 torch.distributed.pipelining's schedules already serve), locprop in "sync" mode (error
-vectors travel top-down through every node each step), pgl (its global steps are bp).
-Not yet staged: bll (each step's prototypes chain through every downstream feedback net)
-and locprop "decoupled" (its composite maps are rule-level state over all nodes).
+vectors travel top-down through every node each step), and decoupled locprop with transpose
+or inverse maps (a node's goal reads the current weights of every node after it).
 
 Partition (:func:`partition`): each node's local step is timed on a sample batch
 (:func:`node_costs`), then the contiguous split into ``ranks`` stages that minimises the
@@ -61,8 +69,10 @@ import torch
 import torch.distributed as dist
 
 from . import rules
+from .errors import check_finite
+from .topology import goal_loss
 
-TAG_H, TAG_MESSAGE, TAG_BACK = 1, 2, 3
+TAG_H, TAG_MESSAGE, TAG_BACK, TAG_GRAD, TAG_TOP = 1, 2, 3, 4, 5
 
 
 class DistributedError(RuntimeError):
@@ -78,9 +88,24 @@ class Stage:
     """How one rule's node step runs apart from the chain loop."""
     forward = False   #: an activation-sized message travels forward with h
     backward = False  #: per-sample losses [B] travel backward one node
+    top_down = False  #: a [classes, D] message travels backward one rank per step (see prepare)
 
     def __init__(self, rule: rules.Rule) -> None:
         self.rule = rule
+
+    def is_global(self, step: int) -> bool:
+        """True if ``step`` is one end-to-end backprop step through every rank (PGL)."""
+        return False
+
+    def prepare(self, net, nodes: range, top: torch.Tensor | None) -> torch.Tensor:
+        """For top_down stages: get this rank's ``nodes`` ready for the next step from the
+        next rank's message ``top`` (None on the last rank); return the message for the
+        previous rank."""
+        raise NotImplementedError(f"rule {self.rule.name!r} sends no top-down message")
+
+    def top_shape(self, net, last: int) -> tuple[int, ...]:
+        """The shape of the top-down message a rank whose last node is ``last`` receives."""
+        raise NotImplementedError(f"rule {self.rule.name!r} sends no top-down message")
 
     def step(self, net, k: int, u: torch.Tensor, y: torch.Tensor, message, step: int):
         """Node k's step: (h detached, loss, forward message or None, backward message or None).
@@ -128,10 +153,65 @@ class _LocPropStage(Stage):
         return h, loss, None, None
 
 
+class _BLLStage(Stage):
+    """BLL: a node's prototype β_k = P_k[y] chains through the feedback nets of every node
+    after it, which later ranks own. They depend on the labels alone, so each rank sends
+    back one small matrix per step: P at its first node, [classes, D], computed from its
+    own b_k and the next rank's matrix (see Pipeline for when each is read)."""
+    top_down = True
+
+    def __init__(self, rule) -> None:
+        super().__init__(rule)
+        self.inputs: dict[int, torch.Tensor] = {}
+
+    def prepare(self, net, nodes, top):
+        self.inputs, out = self.rule.prototypes(net, top, nodes)
+        return out
+
+    def top_shape(self, net, last):
+        return net.num_classes, net.rule_state.feedback[last].in_features
+
+    def step(self, net, k, u, y, message, step):
+        h, loss, _ = self.rule.node_step(net, k, u, y, self.inputs.get(k), step)
+        return h, loss, None, None
+
+
+class _PGLStage(Stage):
+    """PGL: its local rule's stage, and on every period-th step one synchronised pipeline
+    step of end-to-end backprop (Pipeline._global_step): activations forward, gradients back."""
+
+    def __init__(self, rule, local: Stage) -> None:
+        super().__init__(rule)
+        self.local = local
+        self.forward, self.backward, self.top_down = local.forward, local.backward, local.top_down
+
+    def is_global(self, step):
+        return self.rule.is_global(step)
+
+    def prepare(self, net, nodes, top):
+        return self.local.prepare(net, nodes, top)
+
+    def top_shape(self, net, last):
+        return self.local.top_shape(net, last)
+
+    def global_forward(self, net, nodes: range, u: torch.Tensor) -> torch.Tensor:
+        """``nodes``' output on u with the autograd graph kept (checkpointed as the rule's
+        global steps are in one process)."""
+        return self.rule.global_rule.run_chain([net.nodes[k] for k in nodes], u, len(net.nodes))
+
+    def step(self, net, k, u, y, message, step):
+        return self.local.step(net, k, u, y, message, step)
+
+    def absorb(self, net, k, h, y, back, step):
+        self.local.absorb(net, k, h, y, back, step)
+
+
 def stage_for(rule: rules.Rule) -> Stage:
     """The Stage of ``rule``, or NotDecoupled/ValueError saying why it cannot run distributed."""
     name = getattr(rule, "name", type(rule).__name__)
-    if isinstance(rule, (rules.BP, rules.PGL)) or (isinstance(rule, rules.LocProp) and rule.mode == "sync"):
+    if isinstance(rule, rules.PGL):
+        return _PGLStage(rule, stage_for(rule.local))
+    if isinstance(rule, rules.BP) or (isinstance(rule, rules.LocProp) and rule.mode == "sync"):
         raise NotDecoupled(f"rule {name!r} needs global backpropagation (or top-down error vectors) through "
                            f"every node at every step, so its nodes cannot update apart: train it in one "
                            f"process, or pipeline it with torch.distributed.pipelining")
@@ -145,11 +225,12 @@ def stage_for(rule: rules.Rule) -> Stage:
         return _SGRStage(rule)
     if isinstance(rule, rules.Critic):
         return _CriticStage(rule)
+    if isinstance(rule, rules.BLL):
+        return _BLLStage(rule)
     if isinstance(rule, rules.LocalRule):
         return _LocalRuleStage(rule)
-    raise NotDecoupled(f"rule {name!r} has no distributed stage: its step uses state over all nodes "
-                       f"(bll's prototype chain through every feedback network); supported: greedy, sgr, "
-                       f"critic, decoupled locprop with feedback maps, and any LocalRule")
+    raise NotDecoupled(f"rule {name!r} has no distributed stage; supported: greedy, sgr, critic, bll, pgl "
+                       f"over any of them, decoupled locprop with feedback maps, and any LocalRule")
 
 
 # ---- partition -------------------------------------------------------------------------
@@ -161,6 +242,8 @@ def node_costs(net, x: torch.Tensor, y: torch.Tensor, repeats: int = 3) -> list[
     times: list[list[float]] = [[] for _ in trial.nodes]
     for _ in range(repeats + 1):
         h, message = x, None
+        if stage.top_down:
+            stage.prepare(trial, range(len(trial.nodes)), None)
         for k in range(len(trial.nodes)):
             start = time.perf_counter()
             u = h
@@ -234,6 +317,9 @@ class Pipeline:
         self.device = next(net.parameters()).device
         # step -> (h, y, buffer, its irecv or None once arrived): outputs awaiting their backward message
         self.pending: dict[int, list] = {}
+        # step t -> (buffer, its irecv or None): the next rank's top-down message sent before its step t
+        self.tops: dict[int, list] = {}
+        self.prepared = False
         self.sends: list[tuple[int, Any]] = []
         self.wait_seconds = 0.0
         net._set_backend(self.device)
@@ -249,9 +335,20 @@ class Pipeline:
     def step(self, x: torch.Tensor | None, y: torch.Tensor) -> dict[str, torch.Tensor]:
         """One micro-batch through this rank's nodes. x [B, ...] (read on rank 0 only), y
         int64 [B] on every rank. Returns this rank's node name -> loss (0-dim tensors)."""
-        step, net = self.net.steps, self.net
+        step = self.net.steps
         self._reap(step)
+        if self.stage.top_down and not self.prepared:
+            self._top_down(step, send=step == 0)  # a resumed run sent this step's message before
+            self.prepared = True
         y = y.to(self.device)
+        losses = self._global_step(x, y, step) if self.stage.is_global(step) else self._local_step(x, y, step)
+        if self.stage.top_down:
+            self._top_down(step + 1)
+        self.net.steps += 1
+        return losses
+
+    def _local_step(self, x, y, step):
+        net = self.net
         if self.rank == 0:
             h, message = x.to(self.device), None
         else:
@@ -274,29 +371,85 @@ class Pipeline:
                 self._send(message, self.rank + 1, TAG_MESSAGE, step)
             if self.stage.backward:
                 self._expect_back(step, h, y)
-        net.steps += 1
         return losses
+
+    def _global_step(self, x, y, step):
+        """PGL's global step: end-to-end backprop through every rank, synchronised:
+        activations go forward as in a local step, then the gradient of each rank's output
+        comes back from the next rank (TAG_GRAD); each rank steps its own nodes' optimizers."""
+        net = self.net
+        if self.has_next and self.stage.backward:
+            self._absorb(upto=step - 1 - self.delay)
+        if self.rank == 0:
+            u = x.to(self.device)
+        else:
+            u = self._recv((len(y), *net.nodes[self.first].input_shape), TAG_H, self.rank - 1,
+                           "activations").requires_grad_()
+        out, losses = self.stage.global_forward(net, self.nodes, u), {}
+        if self.has_next:
+            self._send(out.detach(), self.rank + 1, TAG_H, step)
+            grad = self._recv(out.shape, TAG_GRAD, self.rank + 1, "gradients")
+            torch.autograd.backward(out, grad)
+        else:
+            name = net.nodes[self.last].name
+            loss = goal_loss(net.topology().goals[name].loss, out, y)
+            if net.check_finite:
+                check_finite(loss, name, step, "loss")
+            loss.backward()
+            losses[name] = loss.detach()
+        if self.rank > 0:
+            self._send(u.grad, self.rank - 1, TAG_GRAD, step)
+        for k in self.nodes:
+            net.nodes[k].optimizer.step()
+            net.nodes[k].optimizer.zero_grad(set_to_none=True)
+        return losses
+
+    def _top_down(self, t: int, send: bool = True) -> None:
+        """Ready this rank's nodes for step t from the next rank's top-down message and send
+        its own to the previous rank. The message read is the one the next rank sent before
+        its step max(0, t - staleness): in sync mode (staleness 0) this waits for every later
+        rank to finish step t-1, which serialises the pipeline but equals one process; in
+        async mode a rank reads messages staleness steps old, so it never waits on the next
+        rank's current step, and what it reads through j boundaries is up to j·staleness old."""
+        top = None
+        if self.has_next:
+            if send:
+                buf = torch.empty(self.stage.top_shape(self.net, self.last), dtype=next(self.net.parameters()).dtype,
+                                  device=self.device)
+                work = self._guard(lambda: dist.irecv(buf, self.rank + 1, tag=TAG_TOP), self.rank + 1, "a receive")
+                self.tops[t] = [buf, work]
+            j = max(0, t - self.delay)
+            self._arrived(self.tops[j], "a top-down message")
+            top = self.tops[j][0]
+            for old in [i for i in self.tops if i < j]:
+                del self.tops[old]
+        out = self.stage.prepare(self.net, self.nodes, top)
+        if self.rank > 0 and send:
+            self._send(out, self.rank - 1, TAG_TOP, t)
 
     def flush(self) -> None:
         """Wait until every send and every posted receive of this rank has completed."""
         self._reap(math.inf)
-        for entry in self.pending.values():
+        for entry in [*self.pending.values(), *self.tops.values()]:
             self._arrived(entry)
 
     def finish(self) -> None:
-        """At the end of training: absorb every outstanding backward message, wait for the sends."""
+        """At the end of training: absorb every outstanding backward message, wait for the
+        sends and the top-down messages."""
         self._absorb(upto=math.inf)
-        self._reap(math.inf)
+        self.flush()
 
     # ---- checkpoints ----------------------------------------------------------------------
     def state(self) -> dict[str, Any]:
         """What a checkpoint needs beyond the network: the partition and the outputs still
         waiting to absorb their backward message, with the messages (received now, not
-        absorbed, so that a resumed run absorbs them at the same step as an uninterrupted one)."""
+        absorbed, so that a resumed run absorbs them at the same step as an uninterrupted one),
+        and the top-down messages later steps will read."""
         self.flush()
-        steps = sorted(self.pending)
+        steps, tops = sorted(self.pending), sorted(self.tops)
         return {"partition": torch.tensor(self.counts), "pending_steps": torch.tensor(steps, dtype=torch.int64),
-                **{f"pending_{name}": [self.pending[j][i] for j in steps] for i, name in enumerate(("h", "y", "back"))}}
+                **{f"pending_{name}": [self.pending[j][i] for j in steps] for i, name in enumerate(("h", "y", "back"))},
+                "top_steps": torch.tensor(tops, dtype=torch.int64), "top_messages": [self.tops[j][0] for j in tops]}
 
     def load_state(self, state: dict[str, Any]) -> None:
         """Restore :meth:`state` (the partition must be this pipeline's)."""
@@ -306,6 +459,8 @@ class Pipeline:
         for j, h, y, back in zip(state["pending_steps"].tolist(), state["pending_h"], state["pending_y"],
                                  state["pending_back"]):
             self.pending[j] = [h.to(self.device), y.to(self.device), back.to(self.device), None]
+        for j, top in zip(state["top_steps"].tolist(), state["top_messages"]):
+            self.tops[j] = [top.to(self.device), None]
 
     def gather(self) -> None:
         """Every rank gets every node's parameters and buffers (heads included) from its owner."""
@@ -322,12 +477,13 @@ class Pipeline:
         work = self._guard(lambda: dist.irecv(back, self.rank + 1, tag=TAG_BACK), self.rank + 1, "a receive")
         self.pending[step] = [h, y, back, work]
 
-    def _arrived(self, entry: list) -> None:
-        if entry[3] is not None:
+    def _arrived(self, entry: list, what: str = "a backward message") -> None:
+        """Wait for the posted receive of an entry whose last item is its work (None once arrived)."""
+        if entry[-1] is not None:
             start = time.perf_counter()
-            self._guard(entry[3].wait, self.rank + 1, "a backward message")
+            self._guard(entry[-1].wait, self.rank + 1, what)
             self.wait_seconds += time.perf_counter() - start
-            entry[3] = None
+            entry[-1] = None
 
     def _absorb(self, upto: float) -> None:
         for j in sorted(self.pending):

@@ -1,6 +1,7 @@
 """The decoupled pipeline over gloo processes on CPU: bit-for-bit equality with one
-process (greedy; sgr's forward messages; critic's backward messages), async resume,
-refused rules, and a dead or hung rank stopping the run with a clear error in bounded time."""
+process (greedy; sgr's forward messages; critic's backward messages; bll's top-down
+prototypes; pgl's global steps), async resume, refused rules, and a dead or hung rank
+stopping the run with a clear error in bounded time."""
 import os
 import signal
 import time
@@ -54,6 +55,8 @@ def assert_same_nodes(single, dist_path, ranks):
     ("sgr", 2, "[1, 2]"),      # SGR's gradient message crosses the boundary forward
     ("critic", 3, "[1, 1, 1]"),  # per-sample losses cross both boundaries backward
     ('{"name": "locprop", "mode": "decoupled", "propagation": "feedback"}', 2, "[2, 1]"),  # goals from labels
+    ("bll", 3, "[1, 1, 1]"),     # prototypes chain back through two boundaries
+    ('{"name": "pgl", "local": "critic", "period": 3}', 3, "[1, 1, 1]"),  # global steps among critic steps
 ])
 def test_sync_pipeline_equals_one_process_bit_for_bit(tmp_path, rule, ranks, partition):
     cfg = tmp_path / "c.json"
@@ -76,13 +79,25 @@ def test_async_critic_is_stale_and_resumes_exactly(tmp_path):
     assert_same_nodes_between(straight, stopped)
 
 
-def assert_same_nodes_between(a_path, b_path):
-    a, b = owned(a_path, 2), owned(b_path, 2)
+def test_async_bll_reads_stale_prototypes_and_resumes_exactly(tmp_path):
+    args = ("--rule", "bll", "--ranks", "3", "--mode", "async", "--staleness", "2")
+    straight = train(tmp_path, "straight", *args)
+    stopped = train(tmp_path, "stopped", *args, "--max-steps", "11")
+    ck = torch.load(rank_checkpoint(stopped, 0), weights_only=True)["extra"]
+    assert ck["top_steps"].tolist() == [9, 10, 11]  # step 11 reads 9; steps 12, 13 read 10, 11
+    assert main([*BASE, "--checkpoint", str(stopped), *args, "--resume"]) == 0
+    assert_same_nodes_between(straight, stopped, 3)
+    sync = train(tmp_path, "sync", "--rule", "bll", "--ranks", "3")
+    assert not all(torch.equal(v, owned(sync, 3)[k]) for k, v in owned(straight, 3).items())
+
+
+def assert_same_nodes_between(a_path, b_path, ranks=2):
+    a, b = owned(a_path, ranks), owned(b_path, ranks)
     for key in a:
         assert torch.equal(a[key], b[key]), key
 
 
-@pytest.mark.parametrize("rule", [rules.BP(), rules.BP(checkpoint=True), rules.PGL(), rules.LocProp(mode="sync")])
+@pytest.mark.parametrize("rule", [rules.BP(), rules.BP(checkpoint=True), rules.LocProp(mode="sync")])
 def test_rules_needing_global_backprop_are_refused(rule):
     with pytest.raises(distributed.NotDecoupled, match="global backpropagation"):
         distributed.stage_for(rule)

@@ -74,32 +74,55 @@ class BLL(Rule):
         net.rule_state = nn.ModuleDict({"feedback": feedback})
         net.rule_state.optimizers = [self.feedback_optimizer(b.parameters()) for b in feedback]
 
-    def prototypes(self, net, y: torch.Tensor) -> list[torch.Tensor]:
-        """[β_{k+1} for k < K]: the input of each b_k, from the labels y [B] alone (detached)."""
+    def prototypes(self, net, top: torch.Tensor | None = None,
+                   nodes: range | None = None) -> tuple[dict[int, torch.Tensor], torch.Tensor]:
+        """The class prototypes, from the labels alone: each b_k maps one row per class,
+        so a batch's β's are rows of these matrices (β_k = P_k[y]), computed before the
+        forward pass and without gradients.
+
+        Args:
+            top: P_{e+1} [classes, D_{e+1}], the input of b_e for the last node e of
+                ``nodes`` (default: onehot of the classes, e = K-1's own input).
+            nodes: the nodes whose b_k to run, downwards from the last (default: all).
+        Returns:
+            ({k: P_{k+1}, the input of b_k} for k in nodes below K-1, and P_{first} [classes,
+            D_first], the input of the b just before ``nodes``: what a pipeline stage sends back).
+        """
+        nodes = range(len(net.nodes)) if nodes is None else nodes
         like = next(net.nodes[0].parameters())
-        beta = F.one_hot(y.long(), net.num_classes).to(like.dtype)
-        inputs = []
+        p = torch.eye(net.num_classes, dtype=like.dtype, device=like.device) if top is None else top
+        inputs = {}
         with torch.no_grad():
-            for b in reversed(net.rule_state.feedback):
-                inputs.append(beta)
-                beta = b(beta)
-        return inputs[::-1]
+            for k in reversed(nodes):
+                if k < len(net.nodes) - 1:
+                    inputs[k] = p
+                    p = net.rule_state.feedback[k](p)
+        return inputs, p
 
     def train_step(self, net, x, y, step):
-        inputs = self.prototypes(net, y)
+        inputs, _ = self.prototypes(net)
         losses, fb_losses = {}, {}
         h = x
         for k, node in enumerate(net.nodes):
-            if k == len(net.nodes) - 1:
-                h, losses[node.name] = _ce_step(node, h.detach(), y, step)
-                break
-            b = net.rule_state.feedback[k]
-            with torch.no_grad():
-                beta = b(inputs[k])
-            h, losses[node.name], alpha = self._block_step(node, h.detach(), y, beta, step)
-            fb_losses[node.name] = _train_feedback(b, net.rule_state.optimizers[k], inputs[k], alpha)
+            h, losses[node.name], fb = self.node_step(net, k, h.detach(), y, inputs.get(k), step)
+            if fb is not None:
+                fb_losses[node.name] = fb
         return StepResult(step, {n: float(v) for n, v in losses.items()},
                           {"feedback_loss": {n: float(v) for n, v in fb_losses.items()}})
+
+    def node_step(self, net, k: int, u: torch.Tensor, y: torch.Tensor, proto: torch.Tensor | None,
+                  step: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+        """Train node k on input u [B, ...] (detached) against β_k = b_k(proto)[y], then b_k;
+        proto: P_{k+1} [classes, D_{k+1}] from :meth:`prototypes` (None for the last node,
+        which learns from its own cross-entropy). Returns (h_k, L_k, b_k's loss or None), detached."""
+        if k == len(net.nodes) - 1:
+            h, loss = _ce_step(net.nodes[k], u, y, step)
+            return h, loss, None
+        b = net.rule_state.feedback[k]
+        with torch.no_grad():
+            beta = b(proto)[y]
+        h, loss, alpha = self._block_step(net.nodes[k], u, y, beta, step)
+        return h, loss, _train_feedback(b, net.rule_state.optimizers[k], proto, y, alpha)
 
     def objective(self, h: torch.Tensor, logits: torch.Tensor | None, y: torch.Tensor,
                   beta: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -164,9 +187,11 @@ def _ce_step(node, u, y, step):
     return h.detach(), loss.detach()
 
 
-def _train_feedback(b: nn.Module, optimizer, beta_in: torch.Tensor, alpha: torch.Tensor) -> torch.Tensor:
-    """One step of mean_b ‖b(β_in(b)) − α(b)‖²; returns the loss before it."""
-    loss = (b(beta_in) - alpha).pow(2).sum(1).mean()
+def _train_feedback(b: nn.Module, optimizer, proto: torch.Tensor, y: torch.Tensor,
+                    alpha: torch.Tensor) -> torch.Tensor:
+    """One step of mean_b ‖b(proto)[y_b] − α(b)‖² (b runs once per class, not per sample);
+    returns the loss before it."""
+    loss = (b(proto)[y] - alpha).pow(2).sum(1).mean()
     optimizer.zero_grad(set_to_none=True)
     loss.backward()
     optimizer.step()

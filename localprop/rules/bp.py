@@ -41,16 +41,23 @@ class BP(Rule):
         topo = net.topology()
         feeds, targets = net.feeds(x, y)
         if self.checkpoint and topo.is_chain():
-            size = self.segment or math.ceil(math.sqrt(len(topo.order)))
-            h = feeds[topo.inputs[topo.order[0].name][0]]
-            for start in range(0, len(topo.order), size):
-                h = checkpoint(_run_nodes, topo.order[start:start + size], h, use_reentrant=False)
+            h = self.run_chain(topo.order, feeds[topo.inputs[topo.order[0].name][0]], len(topo.order))
             values = {topo.order[-1].name: h}
         else:
             call = (lambda node, u: checkpoint(node, u, use_reentrant=False)) if self.checkpoint else \
                 (lambda node, u: node(u))
             values = run_forward(topo, feeds, call)
         return sum(goal_loss(g.loss, values[name], targets[g.target]) for name, g in topo.goals.items())
+
+    def run_chain(self, nodes, h: torch.Tensor, total: int) -> torch.Tensor:
+        """The output of ``nodes`` (consecutive nodes of a chain of ``total``) on h, with the
+        autograd graph kept, or checkpointed in segments sized for the whole chain."""
+        if not self.checkpoint:
+            return _run_nodes(nodes, h)
+        size = self.segment or math.ceil(math.sqrt(total))
+        for start in range(0, len(nodes), size):
+            h = checkpoint(_run_nodes, nodes[start:start + size], h, use_reentrant=False)
+        return h
 
     def train_step(self, net, x, y, step):
         loss = self.forward_loss(net, x, y)

@@ -27,7 +27,7 @@ def test_feedback_aligns_with_the_class_means_of_the_features():
 def class_cosines(net) -> torch.Tensor:
     """[K-1, classes]: cos(β_k(c), mean over class c of α_k)."""
     classes = torch.arange(10)
-    inputs = net.rule.prototypes(net, classes)
+    inputs, _ = net.rule.prototypes(net)
     h, rows = DIGITS.x_train, []
     for k, node in enumerate(net.nodes[:-1]):
         h = node(h)
