@@ -12,6 +12,10 @@ the cores present share them, which the cores column says.
 
     python bench/distributed.py                 # 4 nodes of 1024, batch 256, 60 steps
     python bench/distributed.py --quick         # a smoke run
+    python bench/distributed.py --rule bll --mode async --ranks 1 2   # another rule, schedule
+
+The torch pipelining baselines run with rule greedy only; other rules are compared with
+their own single-process run.
 
 Rows go to bench/results/distributed.csv.
 """
@@ -36,10 +40,10 @@ import localprop as lp  # noqa: E402
 from localprop import distributed, memory  # noqa: E402
 
 
-def local_net(width: int, nodes: int, classes: int) -> lp.LocalSequential:
+def local_net(width: int, nodes: int, classes: int, rule: str = "greedy") -> lp.LocalSequential:
     torch.manual_seed(0)
     layers = [lp.LocalLinear(width, width) for _ in range(nodes - 1)]
-    return lp.LocalSequential(*layers, lp.LocalLinear(width, classes, activation=None), rule="greedy",
+    return lp.LocalSequential(*layers, lp.LocalLinear(width, classes, activation=None), rule=rule,
                               num_classes=classes)
 
 
@@ -63,7 +67,7 @@ def batches(args, steps: int):
 
 
 def single(args) -> dict:
-    net = local_net(args.width, args.nodes, 10)
+    net = local_net(args.width, args.nodes, 10, args.rule)
     data = batches(args, args.steps + 2)
     for x, y in data[:2]:
         net.train_step(x, y)
@@ -88,7 +92,7 @@ def _worker(rank: int, world: int, port: int, args, schedule: str, out) -> None:
     torch.set_num_threads(1)
     dist.init_process_group("gloo", timeout=datetime.timedelta(seconds=120))
     try:
-        counts = distributed.partition([1.0] * args.nodes, world)
+        counts = distributed.partition(args.costs, world)
         run = _local if schedule == "localprop" else _pipelining
         out.put((rank, run(rank, world, counts, args, schedule)))
     finally:
@@ -96,7 +100,7 @@ def _worker(rank: int, world: int, port: int, args, schedule: str, out) -> None:
 
 
 def _local(rank, world, counts, args, schedule) -> dict:
-    pipe = distributed.Pipeline(local_net(args.width, args.nodes, 10), counts)
+    pipe = distributed.Pipeline(local_net(args.width, args.nodes, 10, args.rule), counts, args.mode, args.staleness)
     data = batches(args, args.steps + 2)
     for x, y in data[:2]:
         pipe.step(x, y)
@@ -173,16 +177,23 @@ def main() -> None:
     p.add_argument("--steps", type=int, default=60)
     p.add_argument("--microbatches", type=int, default=4, help="GPipe/1F1B micro-batches per batch")
     p.add_argument("--ranks", type=int, nargs="+", default=[1, 2, 3, 4])
+    p.add_argument("--rule", default="greedy", help="the local rule (greedy, sgr, critic, bll, pgl, ...)")
+    p.add_argument("--mode", choices=("sync", "async"), default="sync")
+    p.add_argument("--staleness", type=int, default=1, help="steps, for --mode async")
     p.add_argument("--quick", action="store_true")
     args = p.parse_args()
     if args.quick:
         args.width, args.steps, args.ranks = 256, 10, [1, 2]
     torch.set_num_threads(1)
+    # one partition for every run, from node costs measured once here (ranks timing
+    # their own would disagree)
+    args.costs = distributed.node_costs(local_net(args.width, args.nodes, 10, args.rule), *batches(args, 1)[0])
     base = single(args)
-    rows = [_row(args, "single-process greedy", 1, base, base)]
+    rows = [_row(args, f"single-process {args.rule}", 1, base, base)]
+    mode = "" if args.mode == "sync" else f" async s={args.staleness}"
     for world in args.ranks:
-        rows.append(_row(args, "localprop pipeline greedy", world, spawn(world, args, "localprop"), base))
-        if world > 1:
+        rows.append(_row(args, f"localprop pipeline {args.rule}{mode}", world, spawn(world, args, "localprop"), base))
+        if world > 1 and args.rule == "greedy":
             for schedule in ("gpipe", "1f1b"):
                 rows.append(_row(args, f"bp {schedule} (torch pipelining)", world, spawn(world, args, schedule), base))
     print(f"{'run':<34} {'ranks':>5} {'samples/s':>10} {'x single':>8} {'bubble':>7} {'peak KiB per rank':>24}")

@@ -57,11 +57,13 @@ import copy
 import datetime
 import math
 import os
+import queue
 import signal
 import socket
 import statistics
 import subprocess
 import sys
+import threading
 import time
 from typing import Any
 
@@ -545,21 +547,23 @@ def free_port() -> int:
 def launch(argv: list[str], ranks: int, grace: float = 5.0) -> int:
     """Run ``python -m localprop <argv>`` as ``ranks`` local processes of one gloo group on
     localhost. When a rank exits with an error, the others are terminated (SIGTERM, then
-    SIGKILL after ``grace`` seconds) and a DistributedError names it. Returns 0."""
+    SIGKILL after ``grace`` seconds) and a DistributedError names the first rank that
+    failed: ranks are watched in the order they exit, since a rank killed from outside takes
+    its peers down with it within moments (gloo may abort them), and a poll of all exit codes
+    could find the consequence first. Returns 0."""
     env = {**os.environ, "WORLD_SIZE": str(ranks), "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(free_port())}
     procs = [subprocess.Popen([sys.executable, "-m", "localprop", *argv],
                               env={**env, "RANK": str(r), "LOCAL_RANK": str(r)}) for r in range(ranks)]
+    exits: queue.Queue[tuple[int, int]] = queue.Queue()
+    for r, p in enumerate(procs):
+        threading.Thread(target=lambda r=r, p=p: exits.put((r, p.wait())), daemon=True).start()
     try:
-        while True:
-            codes = [p.poll() for p in procs]
-            failed = [(r, c) for r, c in enumerate(codes) if c not in (None, 0)]
-            if failed:
-                r, code = failed[0]
+        for _ in procs:
+            r, code = exits.get()
+            if code != 0:
                 why = f"signal {signal.Signals(-code).name}" if code < 0 else f"exit code {code}"
                 raise DistributedError(f"rank {r} of {ranks} stopped with {why}; the other ranks were stopped")
-            if all(c == 0 for c in codes):
-                return 0
-            time.sleep(0.1)
+        return 0
     finally:
         _stop(procs, grace)
 
