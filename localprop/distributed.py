@@ -21,6 +21,7 @@ Messages, point to point (isend / recv), with the batch's labels known on every 
   r trains the critic of its last node on its own saved output of that step; bll: the class
   prototypes at the next rank's first node, P [classes, D], one small matrix per step (a
   node's prototypes chain through the feedback nets of every node after it);
+  decoupled locprop: likewise the composite map at the next rank's first node, M [classes, N];
 - pgl, on its global steps: activations forward, then the gradient of each rank's output
   backward, one synchronised end-to-end backprop step through the pipeline.
 Rules with nothing but activations crossing a boundary (greedy, any LocalRule whose
@@ -35,16 +36,16 @@ Schedules (``mode``):
   memory bound as well: a rank keeps staleness+1 outputs of its last node for its critic.
 For rules without backward messages the two modes are the same schedule.
 
-Bll's prototypes for step m depend on every later node's feedback net after step m-1, so
+Bll's prototypes (locprop's composite maps) for step m depend on every later node's
+feedback net (map) after step m-1, so
 in "sync" mode the pipeline runs serially (equal to one process, no speed-up); in "async"
 mode a rank reads the next rank's prototypes ``staleness`` steps late and the ranks run
 in parallel (see Pipeline._top_down). Pgl's global steps are synchronous in both modes.
 
 Refused, with an error saying why (:class:`NotDecoupled`): bp and bp+checkpoint (every
 step is one backward pass through all nodes: a backward-locked pipeline, which
-torch.distributed.pipelining's schedules already serve), locprop in "sync" mode (error
-vectors travel top-down through every node each step), and decoupled locprop with transpose
-or inverse maps (a node's goal reads the current weights of every node after it).
+torch.distributed.pipelining's schedules already serve) and locprop in "sync" mode (error
+vectors travel top-down through every node each step).
 
 Partition (:func:`partition`): each node's local step is timed on a sample batch
 (:func:`node_costs`), then the contiguous split into ``ranks`` stages that minimises the
@@ -147,10 +148,27 @@ class _CriticStage(Stage):
 
 
 class _LocPropStage(Stage):
-    """Decoupled LocProp with fixed feedback maps: a node's goal comes from the labels
-    through maps every process holds, so nothing but activations crosses ranks."""
+    """Decoupled LocProp: a node's goal is the labels' code through its composite map,
+    which chains through the maps of every node after it. With learned maps (transpose:
+    the weights; inverse) each rank sends back the composite map at its first node's
+    input, M [classes, N], one small matrix per step, as bll sends its prototypes. Fixed
+    feedback maps are held by every process, so their composites are made once, locally."""
+
+    def __init__(self, rule) -> None:
+        super().__init__(rule)
+        self.top_down = rule.propagation != "feedback"
+        self.ready = False
+
+    def prepare(self, net, nodes, top):
+        return self.rule.chain_composites(net, top, nodes)
+
+    def top_shape(self, net, last):
+        return net.nodes[-1].weight.shape[0], net.nodes[last].weight.shape[0]
 
     def step(self, net, k, u, y, message, step):
+        if not self.top_down and not self.ready:
+            self.rule.chain_composites(net, None, range(len(net.nodes)))
+            self.ready = True
         h, loss = self.rule.node_step(net, k, u, y, step)
         return h, loss, None, None
 
@@ -218,10 +236,6 @@ def stage_for(rule: rules.Rule) -> Stage:
                            f"every node at every step, so its nodes cannot update apart: train it in one "
                            f"process, or pipeline it with torch.distributed.pipelining")
     if isinstance(rule, rules.LocProp):
-        if rule.propagation != "feedback":
-            raise NotDecoupled(f"decoupled locprop with {rule.propagation!r} maps: a node's goal depends on "
-                               f"the current weights of the nodes after it, which other ranks own; use "
-                               f"propagation='feedback' (fixed maps) to train it distributed")
         return _LocPropStage(rule)
     if isinstance(rule, rules.SGR):
         return _SGRStage(rule)
@@ -232,7 +246,7 @@ def stage_for(rule: rules.Rule) -> Stage:
     if isinstance(rule, rules.LocalRule):
         return _LocalRuleStage(rule)
     raise NotDecoupled(f"rule {name!r} has no distributed stage; supported: greedy, sgr, critic, bll, pgl "
-                       f"over any of them, decoupled locprop with feedback maps, and any LocalRule")
+                       f"over any of them, decoupled locprop, and any LocalRule")
 
 
 # ---- partition -------------------------------------------------------------------------

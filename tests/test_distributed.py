@@ -1,6 +1,6 @@
 """The decoupled pipeline over gloo processes on CPU: bit-for-bit equality with one
 process (greedy; sgr's forward messages; critic's backward messages; bll's top-down
-prototypes; pgl's global steps), async resume, refused rules, and a dead or hung rank
+prototypes; decoupled locprop's composite maps; pgl's global steps), async resume, refused rules, and a dead or hung rank
 stopping the run with a clear error in bounded time."""
 import os
 import signal
@@ -55,6 +55,8 @@ def assert_same_nodes(single, dist_path, ranks):
     ("sgr", 2, "[1, 2]"),      # SGR's gradient message crosses the boundary forward
     ("critic", 3, "[1, 1, 1]"),  # per-sample losses cross both boundaries backward
     ('{"name": "locprop", "mode": "decoupled", "propagation": "feedback"}', 2, "[2, 1]"),  # goals from labels
+    ('{"name": "locprop", "mode": "decoupled"}', 3, "[1, 1, 1]"),  # composite maps of the weights, back
+    ('{"name": "locprop", "mode": "decoupled", "propagation": "inverse"}', 2, "[1, 2]"),  # learned inverses
     ("bll", 3, "[1, 1, 1]"),     # prototypes chain back through two boundaries
     ('{"name": "pgl", "local": "critic", "period": 3}', 3, "[1, 1, 1]"),  # global steps among critic steps
 ])
@@ -101,11 +103,6 @@ def assert_same_nodes_between(a_path, b_path, ranks=2):
 def test_rules_needing_global_backprop_are_refused(rule):
     with pytest.raises(distributed.NotDecoupled, match="global backpropagation"):
         distributed.stage_for(rule)
-
-
-def test_decoupled_locprop_needs_fixed_maps():
-    with pytest.raises(distributed.NotDecoupled, match="use propagation='feedback'"):
-        distributed.stage_for(rules.LocProp(mode="decoupled"))
 
 
 def test_partition_balances_the_slowest_stage():

@@ -126,19 +126,21 @@ class LocProp(Rule):
     @torch.no_grad()
     def _composite(self, net, topo: Topology, goal: str, widths: dict[str, int]) -> dict[str, torch.Tensor]:
         """M_j [C, N_j] for every node upstream of ``goal`` (M_goal = I, M_j = Σ_k M_k P_kj),
-        each scaled to unit RMS."""
+        each scaled to unit RMS before it is carried further up, so that a deep chain's
+        product of maps neither underflows nor overflows (unscaled, it reached 0 in float32
+        within ~100 nodes of the goal on a chain of width 24)."""
         node = net_node(topo, goal)
         out: dict[str, torch.Tensor] = {goal: torch.eye(node.weight.shape[0], dtype=node.weight.dtype,
                                                         device=node.weight.device)}
         for k in reversed(topo.order):
             if k.name not in out:
                 continue
+            if k.name != goal:
+                out[k.name] = out[k.name] / out[k.name].square().mean().sqrt().clamp_min(1e-12)
             spread = out[k.name] @ self._map(net, k)
             for j, part in zip(topo.inputs[k.name], self._split(topo, k, spread, widths)):
                 if part is not None:
                     out[j] = out[j] + part if j in out else part
-            if k.name != goal:
-                out[k.name] = out[k.name] / out[k.name].square().mean().sqrt().clamp_min(1e-12)
         return out
 
     def _refresh_composite(self, net, topo: Topology, widths: dict[str, int]) -> None:
@@ -263,21 +265,38 @@ class LocProp(Rule):
         if g is None:
             raise ValueError(f"node {node.name}: no goal is downstream of it, so it has no error")
         self._check(net, node, loss, step)
+        self._learn_inverse(net, node, u, h)
         run(node.apply_error, u, node.error(g, h, aux))
         return h, loss
 
     @torch.no_grad()
+    def chain_composites(self, net, top: torch.Tensor | None, nodes: range) -> torch.Tensor | None:
+        """Decoupled mode on a chain, for a pipeline stage that owns ``nodes``: set their
+        composite maps from ``top`` = M_last [C, N_last], made by the next stage from its
+        own first node's map (None when ``nodes`` end at the goal, whose M is I), as
+        :meth:`_refresh_composite` would: M_{k-1} = M_k P_k scaled to unit RMS.
+        Returns M_{first-1} [C, N_{first-1}], the message for the previous stage (None
+        when ``nodes`` start at node 0)."""
+        goal = net.nodes[-1]
+        m = torch.eye(goal.weight.shape[0], dtype=goal.weight.dtype, device=goal.weight.device) \
+            if top is None else top
+        for k in reversed(nodes):
+            net.rule_state.composite[f"{goal.name}__{net.nodes[k].name}"] = m
+            if k == 0:
+                return None
+            m = m @ self._map(net, net.nodes[k])
+            m = m / m.square().mean().sqrt().clamp_min(1e-12)
+        return m
+
+    @torch.no_grad()
     def node_step(self, net, k: int, u: torch.Tensor, y: torch.Tensor, step: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """Node k's decoupled step on a chain, alone: what a pipeline stage runs. Only with
-        fixed ("feedback") maps, whose composites every process can hold: with "transpose"
-        or "inverse" a node's goal would depend on other nodes' current weights.
+        """Node k's decoupled step on a chain, alone: what a pipeline stage runs, once
+        :meth:`chain_composites` has set node k's composite map for this step.
         u: [B, K] node k's input; y: int64 [B]. Returns (h [B, N], its local loss)."""
-        if self.mode != "decoupled" or self.propagation != "feedback":
-            raise ValueError(f"LocProp.node_step runs decoupled feedback LocProp only, not {self!r}")
+        if self.mode != "decoupled":
+            raise ValueError(f"LocProp.node_step runs decoupled LocProp only, not {self!r}")
         topo = net.topology()
-        feeds, targets = net.feeds(u, y)
-        self._refresh_composite(net, topo, {"x": topo.order[0].weight.shape[1],
-                                            **{n.name: n.weight.shape[0] for n in topo.order}})
+        _, targets = net.feeds(u, y)
         codes = {g: self._code(topo, g, targets[goal.target]) for g, goal in topo.goals.items()}
         return self._decoupled_node(net, topo, topo.order[k], u, codes, targets, step, lambda fn, *a: fn(*a))
 

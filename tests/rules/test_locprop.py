@@ -102,6 +102,39 @@ def test_decoupled_node_ignores_deeper_activations():
     assert not torch.equal(a.nodes[1].weight, b.nodes[1].weight)
 
 
+def test_decoupled_composite_maps_keep_unit_scale_on_a_deep_chain():
+    """Every node of a 300-node chain gets a goal of the size of an activation: each
+    composite map has unit RMS (a product of 300 maps, unscaled, underflows to 0)."""
+    torch.manual_seed(0)
+    net = lp.LocalSequential(*mlp_nodes([24] * 300 + [4]), num_classes=4,
+                             rule=LocProp(mode="decoupled", propagation="feedback"))
+    net.train_step(torch.randn(8, 24), torch.randint(0, 4, (8,)))
+    rms = torch.stack([m.square().mean().sqrt() for key, m in net.rule_state.composite.items()
+                       if key != "299__299"])
+    assert len(rms) == 299
+    torch.testing.assert_close(rms, torch.ones_like(rms))
+
+
+def test_decoupled_inverse_maps_learn_the_inverse_of_their_node():
+    """In decoupled mode too, each Q_k learns from its own node's (u, h): the relative
+    residual ‖h Q − u‖ / ‖u‖ of node 1 falls from 0.89 to 0.61 in 20 steps (without the
+    learning it stays at 0.91; a ReLU node has no exact linear inverse)."""
+    torch.manual_seed(0)
+    net = lp.LocalSequential(*mlp_nodes([9, 16, 16, 4]), num_classes=4,
+                             rule=LocProp(mode="decoupled", propagation="inverse"))
+    x, y = torch.randn(64, 9), torch.randint(0, 4, (64,))
+    node, q = net.nodes[1], net.rule_state.maps["1"]
+
+    def residual():
+        with torch.no_grad():
+            u = net.nodes[0](x)
+            return (node(u) @ q - u).norm() / u.norm()
+    before = residual()
+    for _ in range(20):
+        net.train_step(x, y)
+    assert residual() < 0.75 * before
+
+
 def test_concurrent_updates_give_the_same_result():
     x, y = batch()
     runs = []
