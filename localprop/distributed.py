@@ -72,6 +72,7 @@ import torch
 import torch.distributed as dist
 
 from . import rules
+from .engine import LocalSequential
 from .errors import check_finite
 from .topology import goal_loss
 
@@ -321,6 +322,8 @@ class Pipeline:
             raise ValueError(f"mode must be 'sync' or 'async', got {mode!r}")
         if mode == "async" and staleness < 1:
             raise ValueError(f"async mode needs staleness >= 1 step, got {staleness}")
+        if not isinstance(net, LocalSequential):
+            raise TypeError(f"Pipeline runs a LocalSequential (a chain of nodes), got {type(net).__name__}")
         self.rank, self.world = dist.get_rank(), dist.get_world_size()
         if len(counts) != self.world or sum(counts) != len(net.nodes) or min(counts) < 1:
             raise ValueError(f"partition {counts} does not split {len(net.nodes)} nodes over {self.world} ranks")

@@ -10,6 +10,7 @@ import pytest
 import torch
 from torch import nn
 
+import localprop as lp
 from localprop import distributed, rules
 from localprop.cli import main
 from localprop.cli.train import rank_checkpoint
@@ -103,6 +104,17 @@ def assert_same_nodes_between(a_path, b_path, ranks=2):
 def test_rules_needing_global_backprop_are_refused(rule):
     with pytest.raises(distributed.NotDecoupled, match="global backpropagation"):
         distributed.stage_for(rule)
+
+
+def test_pipeline_runs_chains_only(monkeypatch):
+    monkeypatch.setenv("MASTER_ADDR", "127.0.0.1")
+    monkeypatch.setenv("MASTER_PORT", str(distributed.free_port()))
+    torch.distributed.init_process_group("gloo", rank=0, world_size=1)
+    try:
+        with pytest.raises(TypeError, match="Pipeline runs a LocalSequential .* got LocalGraph"):
+            distributed.Pipeline(lp.LocalGraph(), [1])
+    finally:
+        torch.distributed.destroy_process_group()
 
 
 def test_partition_balances_the_slowest_stage():
