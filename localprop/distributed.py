@@ -36,11 +36,11 @@ Schedules (``mode``):
   memory bound as well: a rank keeps staleness+1 outputs of its last node for its critic.
 For rules without backward messages the two modes are the same schedule.
 
-Bll's prototypes (locprop's composite maps) for step m depend on every later node's
-feedback net (map) after step m-1, so
-in "sync" mode the pipeline runs serially (equal to one process, no speed-up); in "async"
-mode a rank reads the next rank's prototypes ``staleness`` steps late and the ranks run
-in parallel (see Pipeline._top_down). Pgl's global steps are synchronous in both modes.
+Bll's prototypes (decoupled locprop's composite maps) for step m depend on every later
+node's feedback net (map) after step m-1, so in "sync" mode the pipeline runs serially
+(equal to one process, no speed-up); in "async" mode a rank reads the next rank's matrix
+``staleness`` steps late and the ranks run in parallel (see Pipeline._top_down). Pgl's
+global steps are synchronous in both modes.
 
 Refused, with an error saying why (:class:`NotDecoupled`): bp and bp+checkpoint (every
 step is one backward pass through all nodes: a backward-locked pipeline, which
@@ -478,7 +478,8 @@ class Pipeline:
         for j, h, y, back in zip(state["pending_steps"].tolist(), state["pending_h"], state["pending_y"],
                                  state["pending_back"]):
             self.pending[j] = [h.to(self.device), y.to(self.device), back.to(self.device), None]
-        for j, top in zip(state["top_steps"].tolist(), state["top_messages"]):
+        # checkpoints written before top-down messages existed have none
+        for j, top in zip(state.get("top_steps", torch.zeros(0)).tolist(), state.get("top_messages", [])):
             self.tops[j] = [top.to(self.device), None]
 
     def gather(self) -> None:

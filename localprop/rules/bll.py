@@ -118,11 +118,9 @@ class BLL(Rule):
         if k == len(net.nodes) - 1:
             h, loss = _ce_step(net.nodes[k], u, y, step)
             return h, loss, None
-        b = net.rule_state.feedback[k]
-        with torch.no_grad():
-            beta = b(proto)[y]
-        h, loss, alpha = self._block_step(net.nodes[k], u, y, beta, step)
-        return h, loss, _train_feedback(b, net.rule_state.optimizers[k], proto, y, alpha)
+        pred = net.rule_state.feedback[k](proto)  # P_k [classes, D_k], kept for b_k's own step
+        h, loss, alpha = self._block_step(net.nodes[k], u, y, pred.detach()[y], step)
+        return h, loss, _train_feedback(pred[y], net.rule_state.optimizers[k], alpha)
 
     def objective(self, h: torch.Tensor, logits: torch.Tensor | None, y: torch.Tensor,
                   beta: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -187,11 +185,10 @@ def _ce_step(node, u, y, step):
     return h.detach(), loss.detach()
 
 
-def _train_feedback(b: nn.Module, optimizer, proto: torch.Tensor, y: torch.Tensor,
-                    alpha: torch.Tensor) -> torch.Tensor:
-    """One step of mean_b ‖b(proto)[y_b] − α(b)‖² (b runs once per class, not per sample);
-    returns the loss before it."""
-    loss = (b(proto)[y] - alpha).pow(2).sum(1).mean()
+def _train_feedback(pred: torch.Tensor, optimizer, alpha: torch.Tensor) -> torch.Tensor:
+    """One step of mean_b ‖pred(b) − α(b)‖², pred = b(P_{k+1})[y] [B, D] with its graph
+    (b runs once per class, not per sample); returns the loss before it."""
+    loss = (pred - alpha).pow(2).sum(1).mean()
     optimizer.zero_grad(set_to_none=True)
     loss.backward()
     optimizer.step()
