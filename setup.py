@@ -24,9 +24,9 @@ def extension():
     sources = ["csrc/localprop.cpp"] + sorted(glob.glob("csrc/cpu/*.cpp"))
     cuda_sources = sorted(glob.glob("csrc/cuda/*.cu"))
     with_cuda = bool(cuda_sources) and torch.version.cuda is not None and cpp_extension.CUDA_HOME is not None
-    flags = {"cxx": ["-O3", "-std=c++17", "-fopenmp"]}
+    flags = {"cxx": ["-O3", "-std=c++20", "-fopenmp"]}
     if with_cuda:
-        flags["nvcc"] = ["-O3", "-std=c++17", "--expt-relaxed-constexpr"]
+        flags["nvcc"] = ["-O3", "-std=c++20", "--expt-relaxed-constexpr"]
         return cpp_extension.CUDAExtension(
             "localprop._C", sources + cuda_sources, extra_compile_args=flags,
             extra_link_args=["-fopenmp"], define_macros=[("LOCALPROP_WITH_CUDA", None)])

@@ -47,7 +47,7 @@ def torch_defines() -> list[str]:
 
 def nvcc_command(nvcc: str, source: Path, out_dir: Path) -> list[str]:
     includes = cpp_extension.include_paths() + [sysconfig.get_paths()["include"]]
-    return ([nvcc, "-c", "-x", "cu", "-std=c++17", "-gencode", "arch=compute_90,code=sm_90",
+    return ([nvcc, "-c", "-x", "cu", "-std=c++20", "-gencode", "arch=compute_90,code=sm_90",
              "-Xcompiler", "-fPIC", "-DLOCALPROP_WITH_CUDA"]
             + cpp_extension.COMMON_NVCC_FLAGS + torch_defines()
             + [f"-I{d}" for d in includes] + [str(source), "-o", str(out_dir / (source.stem + ".o"))])
