@@ -2,7 +2,8 @@
 against single-process local training and against backprop pipelined by
 torch.distributed.pipelining (GPipe and 1F1B), on the same MLP of equal nodes.
 
-Per run: samples/s, bubble fraction and peak step memory per rank (localprop.memory):
+Per run: samples/s, bubble fraction and peak step memory per rank (localprop.memory; for
+localprop, Pipeline.step_memory after the run, when no message is in flight):
 - localprop: the bubble is the measured fraction of each rank's wall time spent blocked
   waiting for a message (max over ranks);
 - GPipe / 1F1B: the schedules' own bubble, (N-1)/(M+N-1) for N stages and M micro-batches
@@ -112,11 +113,9 @@ def _local(rank, world, counts, args, schedule) -> dict:
     pipe.flush()
     dist.barrier()
     wall = time.perf_counter() - start
-    with memory.track_peak("cpu") as peak:
-        pipe.step(*data[0])
-        pipe.flush()
     pipe.finish()
-    return {"wall": wall, "bubble": pipe.wait_seconds / wall, "peak": peak.bytes}
+    x, y = data[0]
+    return {"wall": wall, "bubble": pipe.wait_seconds / wall, "peak": pipe.step_memory(x if rank == 0 else None, y)}
 
 
 def _pipelining(rank, world, counts, args, schedule) -> dict:

@@ -51,10 +51,18 @@ Partition (:func:`partition`): each node's local step is timed on a sample batch
 (:func:`node_costs`), then the contiguous split into ``ranks`` stages that minimises the
 slowest stage's summed cost is found by dynamic programming (O(ranks·K²)); the slowest
 stage sets the pipeline's throughput.
+
+Memory: a rank holds only its own nodes. The Pipeline releases the storage of the other
+ranks' nodes (parameters, buffers, heads) and of the rule's state for them (bll's feedback
+nets, locprop's maps) when it is built; :meth:`Pipeline.whole` gives them back as zeros
+while a checkpoint is written, and :meth:`Pipeline.gather` fills them from their owners at
+the end.
 """
 from __future__ import annotations
 
+import contextlib
 import copy
+import functools
 import datetime
 import math
 import os
@@ -71,7 +79,7 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
-from . import rules
+from . import memory, rules
 from .engine import LocalSequential
 from .errors import check_finite
 from .topology import goal_loss
@@ -93,6 +101,7 @@ class Stage:
     forward = False   #: an activation-sized message travels forward with h
     backward = False  #: per-sample losses [B] travel backward one node
     top_down = False  #: a [classes, D] message travels backward one rank per step (see prepare)
+    top_down_once = False  #: the same, once at the start of a run (what it carries never changes)
 
     def __init__(self, rule: rules.Rule) -> None:
         self.rule = rule
@@ -108,8 +117,14 @@ class Stage:
         raise NotImplementedError(f"rule {self.rule.name!r} sends no top-down message")
 
     def top_shape(self, net, last: int) -> tuple[int, ...]:
-        """The shape of the top-down message a rank whose last node is ``last`` receives."""
+        """The shape of the top-down message a rank whose last node is ``last`` receives
+        (from sizes every rank knows: the other ranks' tensors are released, see Pipeline)."""
         raise NotImplementedError(f"rule {self.rule.name!r} sends no top-down message")
+
+    def node_state(self, net, k: int) -> list[torch.Tensor]:
+        """Tensors the rule keeps for node k outside the node (feedback nets, maps), which
+        only node k's rank needs."""
+        return []
 
     def step(self, net, k: int, u: torch.Tensor, y: torch.Tensor, message, step: int):
         """Node k's step: (h detached, loss, forward message or None, backward message or None).
@@ -153,23 +168,24 @@ class _LocPropStage(Stage):
     which chains through the maps of every node after it. With learned maps (transpose:
     the weights; inverse) each rank sends back the composite map at its first node's
     input, M [classes, N], one small matrix per step, as bll sends its prototypes. Fixed
-    feedback maps are held by every process, so their composites are made once, locally."""
+    feedback maps never change, so their composites travel once, at the start of a run."""
 
     def __init__(self, rule) -> None:
         super().__init__(rule)
         self.top_down = rule.propagation != "feedback"
-        self.ready = False
+        self.top_down_once = not self.top_down
 
     def prepare(self, net, nodes, top):
         return self.rule.chain_composites(net, top, nodes)
 
-    def top_shape(self, net, last):
-        return net.nodes[-1].weight.shape[0], net.nodes[last].weight.shape[0]
+    def top_shape(self, net, last):  # from the nodes' shapes: other ranks' weights are released
+        return net.nodes[-1].output_shape[0], net.nodes[last].output_shape[0]
+
+    def node_state(self, net, k):
+        maps = net.rule_state.maps
+        return [maps[net.nodes[k].name]] if net.nodes[k].name in maps else []
 
     def step(self, net, k, u, y, message, step):
-        if not self.top_down and not self.ready:
-            self.rule.chain_composites(net, None, range(len(net.nodes)))
-            self.ready = True
         h, loss = self.rule.node_step(net, k, u, y, step)
         return h, loss, None, None
 
@@ -192,6 +208,9 @@ class _BLLStage(Stage):
     def top_shape(self, net, last):
         return net.num_classes, net.rule_state.feedback[last].in_features
 
+    def node_state(self, net, k):
+        return list(net.rule_state.feedback[k].parameters()) if k < len(net.nodes) - 1 else []
+
     def step(self, net, k, u, y, message, step):
         h, loss, _ = self.rule.node_step(net, k, u, y, self.inputs.get(k), step)
         return h, loss, None, None
@@ -205,6 +224,7 @@ class _PGLStage(Stage):
         super().__init__(rule)
         self.local = local
         self.forward, self.backward, self.top_down = local.forward, local.backward, local.top_down
+        self.top_down_once = local.top_down_once
 
     def is_global(self, step):
         return self.rule.is_global(step)
@@ -214,6 +234,9 @@ class _PGLStage(Stage):
 
     def top_shape(self, net, last):
         return self.local.top_shape(net, last)
+
+    def node_state(self, net, k):
+        return self.local.node_state(net, k)
 
     def global_forward(self, net, nodes: range, u: torch.Tensor) -> torch.Tensor:
         """``nodes``' output on u with the autograd graph kept (checkpointed as the rule's
@@ -342,6 +365,8 @@ class Pipeline:
         self.sends: list[tuple[int, Any]] = []
         self.wait_seconds = 0.0
         net._set_backend(self.device)
+        self.released: list[tuple[torch.Tensor, torch.Size]] = []
+        self._release()
 
     @property
     def has_next(self) -> bool:
@@ -358,7 +383,9 @@ class Pipeline:
         self._reap(step)
         if self.stage.top_down and not self.prepared:
             self._top_down(step, send=step == 0)  # a resumed run sent this step's message before
-            self.prepared = True
+        elif self.stage.top_down_once and not self.prepared:
+            self._top_down_once()
+        self.prepared = True
         y = y.to(self.device)
         losses = self._global_step(x, y, step) if self.stage.is_global(step) else self._local_step(x, y, step)
         if self.stage.top_down:
@@ -423,6 +450,16 @@ class Pipeline:
             net.nodes[k].optimizer.zero_grad(set_to_none=True)
         return losses
 
+    def _top_down_once(self) -> None:
+        """Ready this rank's nodes from the next rank's top-down message and pass its own on,
+        once, at the first step of a run, fresh or resumed (every rank does it then)."""
+        top = None
+        if self.has_next:
+            top = self._recv(self.stage.top_shape(self.net, self.last), TAG_TOP, self.rank + 1, "a top-down message")
+        out = self.stage.prepare(self.net, self.nodes, top)
+        if self.rank > 0:
+            self._send(out, self.rank - 1, TAG_TOP, self.net.steps)
+
     def _top_down(self, t: int, send: bool = True) -> None:
         """Ready this rank's nodes for step t from the next rank's top-down message and send
         its own to the previous rank. The message read is the one the next rank sent before
@@ -458,6 +495,55 @@ class Pipeline:
         self._absorb(upto=math.inf)
         self.flush()
 
+    def step_memory(self, x: torch.Tensor | None, y: torch.Tensor) -> int:
+        """Peak bytes allocated by one local step of this rank's nodes (memory.track_peak),
+        run on a copy of them apart from the pipeline: the other ranks' part of the input
+        and messages is zeros of their shapes. Call it when nothing is in flight to or
+        from this rank (after :meth:`finish`): on CPU the allocator is read through the
+        profiler, and a gloo message crossing its start or stop was seen to arrive
+        corrupted (torch 2.13). x [B, ...] (rank 0 only), y int64 [B]."""
+        trial, stage, y = copy.deepcopy(self.net), stage_for(self.net.rule), y.to(self.device)
+        like = next(trial.parameters())
+        zeros = functools.partial(torch.zeros, dtype=like.dtype, device=self.device)
+        h = x.to(self.device) if self.rank == 0 else zeros(len(y), *trial.nodes[self.first].input_shape)
+        message = zeros(h.shape) if stage.forward and self.rank > 0 else None
+        with memory.track_peak(self.device) as peak:
+            if stage.top_down or stage.top_down_once:
+                stage.prepare(trial, self.nodes, zeros(stage.top_shape(trial, self.last)) if self.has_next else None)
+            for k in self.nodes:
+                h, _, message, _ = stage.step(trial, k, h, y, message, trial.steps)
+        return peak.bytes
+
+    # ---- the other ranks' nodes ----------------------------------------------------------
+    def _release(self) -> None:
+        """Free the storage of every node this rank does not train (parameters, buffers,
+        heads and the rule's state for it), so that a rank holds only its own part of the
+        model; the tensors stay (empty) where optimizers and modules refer to them."""
+        owned = set(self.nodes)
+        for k, node in enumerate(self.net.nodes):
+            if k in owned:
+                continue
+            for t in [*node.parameters(), *node.buffers(), *self.stage.node_state(self.net, k)]:
+                if t.numel():
+                    self.released.append((t, t.shape))
+                    t.data = t.data.new_empty(0)
+
+    def _restore(self) -> None:
+        """Give the released tensors their shapes back, filled with zeros."""
+        for t, shape in self.released:
+            t.data = t.data.new_zeros(shape)
+        self.released = []
+
+    @contextlib.contextmanager
+    def whole(self):
+        """Within the block the network has every tensor's shape (the other ranks' nodes as
+        zeros), as a checkpoint needs; this rank's own part is untouched."""
+        self._restore()
+        try:
+            yield self.net
+        finally:
+            self._release()
+
     # ---- checkpoints ----------------------------------------------------------------------
     def state(self) -> dict[str, Any]:
         """What a checkpoint needs beyond the network: the partition and the outputs still
@@ -483,7 +569,9 @@ class Pipeline:
             self.tops[j] = [top.to(self.device), None]
 
     def gather(self) -> None:
-        """Every rank gets every node's parameters and buffers (heads included) from its owner."""
+        """Every rank gets every node's parameters and buffers (heads included) from its owner;
+        the network is whole again afterwards (the rule's state for other ranks' nodes is zero)."""
+        self._restore()
         for k, node in enumerate(self.net.nodes):
             for t in node.state_dict().values():
                 if isinstance(t, torch.Tensor):

@@ -2,6 +2,7 @@
 process (greedy; sgr's forward messages; critic's backward messages; bll's top-down
 prototypes; decoupled locprop's composite maps; pgl's global steps), async resume, refused rules, and a dead or hung rank
 stopping the run with a clear error in bounded time."""
+import json
 import os
 import signal
 import time
@@ -66,9 +67,12 @@ def test_sync_pipeline_equals_one_process_bit_for_bit(tmp_path, rule, ranks, par
     rule_value = rule if rule.startswith("{") else f'"{rule}"'
     (tmp_path / "single.json").write_text(f'{{"rule": {rule_value}}}')
     cfg.write_text(f'{{"rule": {rule_value}, "distributed": {{"partition": {partition}}}}}')
-    single = train(tmp_path, "single", "--config", str(tmp_path / "single.json"))
-    dist_path = train(tmp_path, "dist", "--ranks", str(ranks), "--config", str(cfg))
+    single = train(tmp_path, "single", "--config", str(tmp_path / "single.json"), "--json", str(tmp_path / "1.json"))
+    dist_path = train(tmp_path, "dist", "--ranks", str(ranks), "--config", str(cfg), "--json", str(tmp_path / "n.json"))
     assert_same_nodes(single, dist_path, ranks)
+    # each rank holds only its own nodes, their state and optimizer state: together, one process's
+    held = [json.loads((tmp_path / f"{n}.json").read_text())["resident_bytes_per_rank"] for n in (1, "n")]
+    assert sum(held[1]) == held[0][0] and max(held[1]) < held[0][0]
 
 
 def test_async_critic_is_stale_and_resumes_exactly(tmp_path):

@@ -83,7 +83,8 @@ def run_single(cfg: dict, args) -> dict:
         checkpoint.save(args.checkpoint, net, **pos.extra())
     net.eval()
     return {"test_accuracy": accuracy(net, split.x_test, split.y_test), "steps": net.steps,
-            "wall_seconds": wall, "ranks": 1, "peak_bytes_per_rank": [peak]}
+            "wall_seconds": wall, "ranks": 1, "peak_bytes_per_rank": [peak],
+            "resident_bytes_per_rank": [sum(memory.resident(net))]}
 
 
 class _measured:
@@ -161,40 +162,39 @@ def _train_rank(cfg, args, rank, world):
     if extra is not None:
         pipe.load_state(extra)
         pos.restore(extra)
-    stop, peak = _limit(split, cfg, args), 0
+    stop = _limit(split, cfg, args)
     bar = _bar(split, cfg, argparse.Namespace(**{**vars(args), "quiet": args.quiet or rank > 0}), net.steps)
-    start, _measured.seconds = time.perf_counter(), 0.0
+    start = time.perf_counter()
     for x, y in stream(split, cfg["batch_size"], cfg["epochs"], pos):
         if net.steps >= stop:
             break
-        with _measured(net, peak == 0) as measure:
-            # no send may be in flight across the profiler's start or stop: with gloo
-            # (torch 2.13) such a send was seen to deliver corrupted activations
-            if measure.on:
-                pipe.flush()
-            pipe.step(x if rank == 0 else None, y)
-            if measure.on:
-                pipe.flush()
-        peak = measure.bytes or peak
+        pipe.step(x if rank == 0 else None, y)
         pos.position += 1
         bar.update(1)
         if path and args.checkpoint_every and net.steps % args.checkpoint_every == 0:
-            checkpoint.save(path, net, **pos.extra(), **pipe.state())
+            with pipe.whole():
+                checkpoint.save(path, net, **pos.extra(), **pipe.state())
     if net.steps >= total_steps(split, cfg):
         pipe.finish()  # the run is complete: its last backward messages are absorbed
     if path:
-        checkpoint.save(path, net, **pos.extra(), **pipe.state())
+        with pipe.whole():
+            checkpoint.save(path, net, **pos.extra(), **pipe.state())
     pipe.finish()  # a stop before the end still takes in what was sent, so that no sender waits
-    wall = time.perf_counter() - start - _measured.seconds
+    wall = time.perf_counter() - start
     bar.close()
-    peaks = [torch.zeros(1, dtype=torch.int64) for _ in range(world)]
-    torch.distributed.all_gather(peaks, torch.tensor([peak]))
+    # measured now, with nothing in flight for this rank (see Pipeline.step_memory)
+    batch = cfg["batch_size"]
+    peak = pipe.step_memory(split.x_train[:batch] if rank == 0 else None, split.y_train[:batch])
+    # per rank: the step's peak, and what it holds (its own nodes, their optimizer state)
+    stats = [torch.zeros(2, dtype=torch.int64) for _ in range(world)]
+    torch.distributed.all_gather(stats, torch.tensor([peak, sum(memory.resident(net))]))
     pipe.gather()
     if rank > 0:
         return None
     net.eval()
     return {"test_accuracy": accuracy(net, split.x_test, split.y_test), "steps": net.steps, "wall_seconds": wall,
-            "ranks": world, "partition": counts, "peak_bytes_per_rank": [int(p) for p in peaks],
+            "ranks": world, "partition": counts, "peak_bytes_per_rank": [int(s[0]) for s in stats],
+            "resident_bytes_per_rank": [int(s[1]) for s in stats],
             "wait_seconds_rank0": pipe.wait_seconds}
 
 
@@ -287,8 +287,10 @@ def _launch(cfg: dict, args) -> int:
 def _report(result: dict, cfg: dict, args) -> None:
     if not args.quiet:
         peaks = ", ".join(f"{b / 1024:.0f}" for b in result["peak_bytes_per_rank"])
+        held = ", ".join(f"{b / 1024:.0f}" for b in result["resident_bytes_per_rank"])
         print(f"test accuracy {result['test_accuracy']:.2%} after {result['steps']} steps, "
-              f"{result['wall_seconds']:.1f} s on {result['ranks']} rank(s); peak step KiB per rank: {peaks}")
+              f"{result['wall_seconds']:.1f} s on {result['ranks']} rank(s); peak step KiB per rank: {peaks}; "
+              f"KiB held per rank (parameters, optimizer state): {held}")
     if args.json:
         Path(args.json).parent.mkdir(parents=True, exist_ok=True)
         Path(args.json).write_text(json.dumps({**result, "config": cfg}, indent=2))
@@ -309,7 +311,7 @@ def register(sub) -> None:
     p.add_argument("--batch-size", type=int)
     p.add_argument("--seed", type=int)
     p.add_argument("--backend", help="backend of the fused ops (default: auto)")
-    p.add_argument("--json", help="write test_accuracy, steps, wall_seconds, peak bytes per rank here")
+    p.add_argument("--json", help="write test_accuracy, steps, wall_seconds, peak step and resident bytes per rank here")
     p.add_argument("--checkpoint", help="checkpoint file (per rank: <stem>.rank<r><suffix>)")
     p.add_argument("--checkpoint-every", type=int, help="save every N steps (and at the end)")
     p.add_argument("--resume", action="store_true", help="continue exactly from --checkpoint")

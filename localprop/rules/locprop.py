@@ -305,7 +305,7 @@ class LocProp(Rule):
         """The goal's target coded per sample, c [B, C]: onehot(y) − 1/C, or y for mse."""
         node = net_node(topo, goal)
         if topo.goals[goal].loss == "cross_entropy":
-            c = node.weight.shape[0]
+            c = node.output_shape[0]  # not the weight's: in a pipeline another rank may hold it
             return torch.nn.functional.one_hot(target.long(), c).to(node.weight.dtype) - 1.0 / c
         return target
 
