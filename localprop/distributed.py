@@ -657,12 +657,7 @@ def launch(argv: list[str], ranks: int, grace: float = 5.0) -> int:
     failed: ranks are watched in the order they exit, since a rank killed from outside takes
     its peers down with it within moments (gloo may abort them), and a poll of all exit codes
     could find the consequence first. Returns 0."""
-    # This process hosts the rendezvous store, as torchrun's agent does, and the ranks join it
-    # as clients: the store's port is bound from the start, so no other process can take it
-    # between being picked and being bound (as a port merely found free could be).
-    store = dist.TCPStore("127.0.0.1", 0, world_size=ranks, is_master=True, wait_for_workers=False)
-    env = {**os.environ, "WORLD_SIZE": str(ranks), "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(store.port),
-           "TORCHELASTIC_USE_AGENT_STORE": "True"}
+    env = {**os.environ, "WORLD_SIZE": str(ranks), "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(free_port())}
     procs = [subprocess.Popen([sys.executable, "-m", "localprop", *argv],
                               env={**env, "RANK": str(r), "LOCAL_RANK": str(r)}) for r in range(ranks)]
     exits: queue.Queue[tuple[int, int]] = queue.Queue()
