@@ -5,6 +5,7 @@ exactly. :class:`~localprop.LocalSequential` (a chain) and :class:`~localprop.Lo
 from __future__ import annotations
 
 import abc
+import copy
 import functools
 from typing import Any, Callable, Iterable
 
@@ -26,7 +27,8 @@ class Network(nn.Module, abc.ABC):
 
     ``state_dict()`` holds everything needed to continue training exactly: parameters and
     buffers (nodes, heads, the rule's modules), and, as extra state, the step counter,
-    every node's optimizer state and the rule's own optimizers' state.
+    every node's optimizer state and the rule's own optimizers' state, with the rule's
+    identity and the optimizers' classes, which :meth:`load_state_dict` checks.
     """
 
     def __init__(self, rule: str | rules.Rule, optimizer: OptimizerFactory | None, backend: str | None,
@@ -97,19 +99,75 @@ class Network(nn.Module, abc.ABC):
         return [n.optimizer for n in self.topology().order if n.optimizer is not None] + self.rule.optimizers(self)
 
     def get_extra_state(self) -> dict[str, Any]:
-        return {"steps": self.steps, "optimizers": [o.state_dict() for o in self.optimizers()]}
+        """The step count, every optimizer's state, and what they belong to: the rule's
+        identity and the optimizers' classes, so that a load can refuse another's state."""
+        return {"steps": self.steps, "optimizers": [o.state_dict() for o in self.optimizers()],
+                "rule": _rule_identity(self.rule), "optimizer_classes": [_class_name(o) for o in self.optimizers()]}
 
     def set_extra_state(self, state: dict[str, Any]) -> None:
-        mine = self.optimizers()
-        if len(state["optimizers"]) != len(mine):
-            raise ValueError(f"the state has {len(state['optimizers'])} optimizers, this network {len(mine)}: "
-                             f"was it saved from a network of the same nodes and rule?")
-        for opt, saved in zip(mine, state["optimizers"]):
+        self._check_same_training(state)
+        for opt, saved in zip(self.optimizers(), state["optimizers"]):
             opt.load_state_dict(saved)
         self.steps = state["steps"]
 
+    def _check_same_training(self, state: dict[str, Any]) -> None:
+        """Refuse the extra state of another rule or other optimizers (torch's optimizers
+        load each other's state silently and fail steps later). States written before
+        the identities were recorded are checked by their optimizer count only."""
+        mine = self.optimizers()
+        other_rule = _rule_difference(state.get("rule"), _rule_identity(self.rule))
+        if len(state["optimizers"]) != len(mine):
+            raise ValueError(f"the state has {len(state['optimizers'])} optimizers, this network {len(mine)}: "
+                             + (other_rule or "was it saved from a network of the same nodes and rule?"))
+        if other_rule:
+            raise ValueError(other_rule)
+        for owner, saved, opt in zip(self._optimizer_owners(), state.get("optimizer_classes", []), mine):
+            if saved != _class_name(opt):
+                raise ValueError(f"{owner}: the checkpoint was written with optimizer {saved}, "
+                                 f"this network uses {_class_name(opt)}")
+
+    def _optimizer_owners(self) -> list[str]:
+        """Who each optimizer of :meth:`optimizers` steps, for errors."""
+        nodes = [f"node {n.name!r}" for n in self.topology().order if n.optimizer is not None]
+        return nodes + [f"the rule's optimizer {k}" for k in range(len(self.rule.optimizers(self)))]
+
     def load_state_dict(self, state_dict, strict: bool = True, assign: bool = False):
+        """Load a :meth:`state_dict`, all or nothing: when it raises (another shape,
+        rule or optimizer class, a missing key), nothing of the network has changed."""
         if not self.built:
             raise RuntimeError("build the network before loading a state into it (net.build(example) "
                                "or one train_step), so that its heads and optimizers exist")
+        # nn.Module's load copies tensor by tensor and reports errors at the end (and this
+        # root's extra state, the steps and optimizers, goes first), so a failure is only
+        # known after changes. Loading into a deep copy first makes the check the assignment
+        # itself, so the two cannot drift; a snapshot-and-restore would have to undo through
+        # the same partial path, and assign=True replaces the Parameters the optimizers hold.
+        # The price: for a moment the copy doubles the memory of the parameters, buffers and
+        # optimizer state (on their device). Only what the copy cannot meet, such as running
+        # out of memory in the second load, could still leave the network half-loaded.
+        nn.Module.load_state_dict(copy.deepcopy(self), state_dict, strict=strict, assign=assign)
         return super().load_state_dict(state_dict, strict=strict, assign=assign)
+
+
+def _rule_identity(rule: rules.Rule) -> dict[str, str]:
+    """What a checkpoint records of the rule that trained it: its name and class, with
+    those of the local rule a schedule wraps (PGL's ``local``), e.g. "pgl(greedy)"."""
+    local = getattr(rule, "local", None)
+    if not isinstance(local, rules.Rule):
+        return {"name": rule.name, "class": _class_name(rule)}
+    inner = _rule_identity(local)
+    return {"name": f"{rule.name}({inner['name']})", "class": f"{_class_name(rule)}({inner['class']})"}
+
+
+def _rule_difference(saved: dict[str, str] | None, mine: dict[str, str]) -> str | None:
+    """Why a state of rule ``saved`` (None: not recorded) cannot load into a network of rule
+    ``mine``, or None. Classes are named only when the names agree."""
+    if saved is None or saved == mine:
+        return None
+    show = (lambda r: repr(r["name"])) if saved["name"] != mine["name"] else \
+        (lambda r: f"{r['name']!r} ({r['class']})")
+    return f"the checkpoint was written by rule {show(saved)}, this network trains with rule {show(mine)}"
+
+
+def _class_name(obj) -> str:
+    return f"{type(obj).__module__}.{type(obj).__qualname__}"
