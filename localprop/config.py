@@ -24,6 +24,7 @@ import copy
 import functools
 import importlib
 import json
+import sys
 import tomllib
 from pathlib import Path
 from typing import Any, Callable
@@ -56,9 +57,24 @@ class ConfigError(ValueError):
     """A configuration value that cannot be used; the message names key, expected and received."""
 
     def __init__(self, key: str, expected: str, received: Any) -> None:
-        super().__init__(f"config key {key!r}: expected {expected}, received {received!r}"
-                         f" ({type(received).__name__})")
+        super().__init__(f"config key {key!r}: expected {expected}, received {_received(received)}")
         self.key = key
+
+
+#: characters of a received value's repr kept in a ConfigError (one line of a terminal)
+REPR_CHARS = 80
+
+
+def _received(value: Any) -> str:
+    """``value`` for a one-line message, with its type: a module by its type alone (its
+    repr is the whole model); a string or path in full (what was typed, and a path's end
+    matters); any other value by its repr on one line, cut to REPR_CHARS."""
+    if isinstance(value, nn.Module):
+        return f"an nn.Module of type {type(value).__name__}"
+    text = " ".join(line.strip() for line in repr(value).splitlines())
+    if len(text) > REPR_CHARS and not isinstance(value, (str, Path)):
+        text = text[:REPR_CHARS - 3] + "..."
+    return f"{text} ({type(value).__name__})"
 
 
 def read(path: str | Path) -> dict[str, Any]:
@@ -108,11 +124,34 @@ def validate(cfg: dict[str, Any]) -> None:
         raise ConfigError("test_fraction", "a number in (0, 1)", cfg["test_fraction"])
     _name_and_kwargs("dataset", cfg["dataset"])
     _name_and_kwargs("rule", cfg["rule"])
-    name, _ = _name_and_kwargs("optimizer", cfg["optimizer"])
+    name, kwargs = _name_and_kwargs("optimizer", cfg["optimizer"])
     if name not in OPTIMIZERS:
         raise ConfigError("optimizer.name", f"one of {', '.join(OPTIMIZERS)}", name)
+    _validate_optimizer_numbers(kwargs)
     _validate_model(cfg["model"])
     _validate_distributed(cfg["distributed"])
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def _finite(value: Any) -> bool:
+    """A number that is finite as a float: false for inf, NaN and an int beyond float's
+    range (the comparison is exact, so such an int does not overflow here)."""
+    return _is_number(value) and abs(value) <= sys.float_info.max
+
+
+def _validate_optimizer_numbers(kwargs: dict[str, Any]) -> None:
+    """lr a finite number > 0, every other number (alone or in a list, as betas) finite:
+    torch.optim refuses only negative values, so an inf or NaN (JSON's 1e400 or NaN, the
+    flag --lr inf) would be taken and turn every weight non-finite at the first step."""
+    if "lr" in kwargs and not (_finite(kwargs["lr"]) and kwargs["lr"] > 0):
+        raise ConfigError("optimizer.lr", "a finite number > 0", kwargs["lr"])
+    for key, value in kwargs.items():
+        many = isinstance(value, (list, tuple))
+        if any(_is_number(v) and not _finite(v) for v in (value if many else [value])):
+            raise ConfigError(f"optimizer.{key}", "finite numbers" if many else "a finite number", value)
 
 
 def _name_and_kwargs(key: str, value: Any) -> tuple[str, dict[str, Any]]:

@@ -14,7 +14,9 @@ from __future__ import annotations
 import contextlib
 import gc
 import os
+import re
 import sys
+import threading
 from dataclasses import asdict, dataclass
 from typing import Callable, Iterator
 
@@ -64,7 +66,8 @@ def _profiler_peak(prof) -> int:
 @contextlib.contextmanager
 def track_peak(device: torch.device | str) -> Iterator[Peak]:
     """Measure the peak bytes allocated on ``device`` inside the ``with`` block, above
-    what was allocated when it began."""
+    what was allocated when it began. On CPU, file descriptor 2 passes through a filter
+    during the block that drops one line, c10's "Memory block of unknown size" log."""
     device = torch.device(device)
     peak = Peak()
     if device.type == "cuda":
@@ -80,7 +83,8 @@ def track_peak(device: torch.device | str) -> Iterator[Peak]:
         with _quiet_stderr():
             prof.start()
         try:
-            yield peak
+            with _dropping_stderr_line(_UNKNOWN_BLOCK):
+                yield peak
         finally:
             with _quiet_stderr():
                 prof.stop()
@@ -102,6 +106,65 @@ def _quiet_stderr() -> Iterator[None]:
     finally:
         os.dup2(saved, 2)
         os.close(saved)
+
+
+#: c10's CPU allocator logs this (a C++ LOG(WARNING) to file descriptor 2, at the first such
+#: free of a process and every 1000th after) when a block allocated before the profiler
+#: started is freed while it records; the free adds nothing to the events either way.
+_UNKNOWN_BLOCK = b"Memory block of unknown size was allocated before the profiling started"
+#: a piece of stderr output ends at a newline or a carriage return (progress bars)
+_PIECE_END = re.compile(rb"(?<=[\r\n])")
+#: seconds to wait, after the block, for the filter to forward the rest: the pipe ends at
+#: once, unless a process started in the block still holds it (then the filter goes on
+#: forwarding that process's output in the background)
+_FILTER_GRACE = 1.0
+
+
+@contextlib.contextmanager
+def _dropping_stderr_line(text: bytes) -> Iterator[None]:
+    """Pass file descriptor 2 through a pipe that forwards all of it as it comes, but the
+    lines that contain ``text``. Only a filter on the descriptor reaches a C++ log line:
+    it is no Python warning, and c10's log level (TORCH_CPP_LOG_LEVEL, read once at
+    import) would silence every C++ warning, not this one."""
+    sys.stderr.flush()
+    target = os.dup(2)
+    read_end, write_end = os.pipe()
+    os.dup2(write_end, 2)
+    os.close(write_end)
+    forwarder = threading.Thread(target=_forward, args=(read_end, target, text), daemon=True)
+    forwarder.start()
+    try:
+        yield
+    finally:
+        sys.stderr.flush()
+        os.dup2(target, 2)  # closes the pipe's last write end here, so that the forwarder ends
+        forwarder.join(_FILTER_GRACE)
+
+
+def _forward(read_end: int, target: int, text: bytes) -> None:
+    """Copy the pipe to ``target`` piece by piece, without the pieces that contain ``text``,
+    to the pipe's end: still reading once ``target`` fails (stderr closed), so that no
+    writer blocks on a full pipe."""
+    pending, writable = b"", True
+    try:
+        while chunk := os.read(read_end, 1 << 16):
+            *pieces, pending = _PIECE_END.split(pending + chunk)
+            writable = writable and _write_all(target, b"".join(p for p in pieces if text not in p))
+        if writable and text not in pending:
+            _write_all(target, pending)
+    finally:
+        os.close(read_end)
+        os.close(target)
+
+
+def _write_all(fd: int, data: bytes) -> bool:
+    """Write all of ``data`` to ``fd``; False if it refuses."""
+    try:
+        while data:
+            data = data[os.write(fd, data):]
+    except OSError:
+        return False
+    return True
 
 
 def tensor_bytes(tensors) -> int:

@@ -16,10 +16,13 @@ DEFAULT_RULES = ("bp", "bp+checkpoint", "greedy")
 
 
 def deep_mlp(rule: str, width: int, depth: int, in_features: int, num_classes: int, backend: str | None = None):
-    """``depth`` fused nodes: depth-1 hidden ReLU nodes of ``width`` and a linear output node."""
+    """``depth`` fused nodes: depth-1 hidden ReLU nodes of ``width`` and a linear output node
+    (at depth 1, the output node alone, from ``in_features``)."""
+    if depth < 1:
+        raise ValueError(f"depth: expected an integer >= 1 (the number of nodes), received {depth}")
     sizes = [in_features] + [width] * (depth - 1)
     nodes = [lp.LocalLinear(a, b) for a, b in zip(sizes, sizes[1:])]
-    return lp.LocalSequential(*nodes, lp.LocalLinear(width, num_classes, activation=None), rule=rule,
+    return lp.LocalSequential(*nodes, lp.LocalLinear(sizes[-1], num_classes, activation=None), rule=rule,
                               num_classes=num_classes, backend=backend,
                               optimizer=functools.partial(torch.optim.SGD, lr=0.01, momentum=0.9))
 
@@ -89,7 +92,7 @@ def register(sub) -> None:
     p.add_argument("--batches", nargs="+", type=int, default=[256, 1024])
     p.add_argument("--width", type=int, default=1024)
     p.add_argument("--in-features", type=int, default=784)
-    p.add_argument("--device", default="cpu")
+    p.add_argument("--device", default="cpu", help="cpu, cuda or cuda:<index> (default: cpu)")
     p.add_argument("--backend", default=None, help="backend of the fused ops (default: auto)")
     p.add_argument("--out", default="out", help="folder for profile.json and profile.png (default: out)")
     p.add_argument("--quiet", action="store_true")
