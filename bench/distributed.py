@@ -3,7 +3,7 @@ against single-process local training and against backprop pipelined by
 torch.distributed.pipelining (GPipe and 1F1B), on the same MLP of equal nodes.
 
 Per run: samples/s, bubble fraction and peak step memory per rank (localprop.memory; for
-localprop, Pipeline.step_memory after the run, when no message is in flight):
+localprop, distributed.step_memory on the rank's nodes, before the process group exists):
 - localprop: the bubble is the measured fraction of each rank's wall time spent blocked
   waiting for a message (max over ranks);
 - GPipe / 1F1B: the schedules' own bubble, (N-1)/(M+N-1) for N stages and M micro-batches
@@ -91,11 +91,15 @@ def _bp_net(args):
 def _worker(rank: int, world: int, port: int, args, schedule: str, out) -> None:
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world))
     torch.set_num_threads(1)
+    counts = distributed.partition(args.costs, world)
+    x, y = batches(args, 1)[0]
+    # before the group exists (see distributed.step_memory)
+    peak = distributed.step_memory(local_net(args.width, args.nodes, 10, args.rule), counts, rank,
+                                   x if rank == 0 else None, y) if schedule == "localprop" else None
     dist.init_process_group("gloo", timeout=datetime.timedelta(seconds=120))
     try:
-        counts = distributed.partition(args.costs, world)
         run = _local if schedule == "localprop" else _pipelining
-        out.put((rank, run(rank, world, counts, args, schedule)))
+        out.put((rank, {**run(rank, world, counts, args, schedule), **({"peak": peak} if peak is not None else {})}))
     finally:
         dist.destroy_process_group()
 
@@ -114,8 +118,7 @@ def _local(rank, world, counts, args, schedule) -> dict:
     dist.barrier()
     wall = time.perf_counter() - start
     pipe.finish()
-    x, y = data[0]
-    return {"wall": wall, "bubble": pipe.wait_seconds / wall, "peak": pipe.step_memory(x if rank == 0 else None, y)}
+    return {"wall": wall, "bubble": pipe.wait_seconds / wall}
 
 
 def _pipelining(rank, world, counts, args, schedule) -> dict:

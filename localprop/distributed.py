@@ -47,10 +47,16 @@ step is one backward pass through all nodes: a backward-locked pipeline, which
 torch.distributed.pipelining's schedules already serve) and locprop in "sync" mode (error
 vectors travel top-down through every node each step).
 
-Partition (:func:`partition`): each node's local step is timed on a sample batch
-(:func:`node_costs`), then the contiguous split into ``ranks`` stages that minimises the
-slowest stage's summed cost is found by dynamic programming (O(ranks·K²)); the slowest
-stage sets the pipeline's throughput.
+Partition (:func:`partition`): each node's cost is given, then the contiguous split into
+``ranks`` stages that minimises the slowest stage's summed cost is found by dynamic
+programming (O(ranks·K²)); the slowest stage sets the pipeline's throughput. The costs a
+run uses are a model, not a timing (:func:`node_flops`: every rank computes the same
+partition from the same network, in every run, so resumed runs and their checkpoints
+agree); :func:`node_costs` times the steps instead, for benchmarks that want it.
+
+Before training, the ranks check that they agree (:func:`agree`): the configuration,
+the data, the partition; a rank started differently (another seed trains on other
+labels' order) stops every rank with an error naming the difference.
 
 Memory: a rank holds only its own nodes. The Pipeline releases the storage of the other
 ranks' nodes (parameters, buffers, heads) and of the rule's state for them (bll's feedback
@@ -298,6 +304,16 @@ def node_costs(net, x: torch.Tensor, y: torch.Tensor, repeats: int = 3) -> list[
     return [statistics.median(t[1:]) for t in times]
 
 
+def node_flops(net) -> list[int]:
+    """A cost model of each node's local step, per sample: forward, backward and update
+    of the node and its head, taken as 3x their forward FLOPs (``net.flops()``, counted on
+    a dry run). Deterministic, unlike a timing: the same network gives the same costs on
+    every rank and in every run. A rule's own modules (critics, feedback nets) are not
+    counted."""
+    flops = net.flops()
+    return [3 * (n + h) for n, h in zip(flops.nodes, flops.heads)]
+
+
 def partition(costs: list[float], ranks: int) -> list[int]:
     """Node counts per rank (contiguous, each >= 1) minimising the largest summed cost."""
     K = len(costs)
@@ -326,6 +342,39 @@ def partition(costs: list[float], ranks: int) -> list[int]:
 def _sync(t: torch.Tensor) -> None:
     if t.is_cuda:
         torch.cuda.synchronize(t.device)
+
+
+def step_memory(net, counts: list[int], rank: int, x: torch.Tensor | None, y: torch.Tensor) -> int:
+    """Peak bytes allocated by one local step of ``rank``'s nodes under the partition
+    ``counts`` (memory.track_peak), run on a copy of them apart from any pipeline, after
+    one warm-up step (so that the optimizers' state exists, as in a running pipeline):
+    the other ranks' part of the input and messages is zeros of their shapes. x [B, ...]
+    (rank 0 only), y int64 [B]; ``net`` is left as it was.
+
+    Call it before the process group exists: on CPU the allocator is read through torch's
+    profiler, and a profiler started while a gloo group is alive keeps references to the
+    group, so destroy_process_group() no longer frees it and its threads outlive the rank."""
+    trial, stage, device = copy.deepcopy(net), stage_for(net.rule), next(net.parameters()).device
+    first = sum(counts[:rank])
+    nodes, has_next, y = range(first, first + counts[rank]), rank < len(counts) - 1, y.to(device)
+    zeros = functools.partial(torch.zeros, dtype=next(trial.parameters()).dtype, device=device)
+    rng = torch.get_rng_state()
+    trial._set_backend(device)
+
+    def local_step() -> None:
+        h = x.to(device) if rank == 0 else zeros(len(y), *trial.nodes[first].input_shape)
+        message = zeros(h.shape) if stage.forward and rank > 0 else None
+        if stage.top_down or stage.top_down_once:
+            stage.prepare(trial, nodes, zeros(stage.top_shape(trial, nodes[-1])) if has_next else None)
+        for k in nodes:
+            h, _, message, _ = stage.step(trial, k, h, y, message, trial.steps)
+        trial.steps += 1
+
+    local_step()
+    with memory.track_peak(device) as peak:
+        local_step()
+    torch.set_rng_state(rng)
+    return peak.bytes
 
 
 # ---- the pipeline ----------------------------------------------------------------------
@@ -495,25 +544,6 @@ class Pipeline:
         self._absorb(upto=math.inf)
         self.flush()
 
-    def step_memory(self, x: torch.Tensor | None, y: torch.Tensor) -> int:
-        """Peak bytes allocated by one local step of this rank's nodes (memory.track_peak),
-        run on a copy of them apart from the pipeline: the other ranks' part of the input
-        and messages is zeros of their shapes. Call it when nothing is in flight to or
-        from this rank (after :meth:`finish`): on CPU the allocator is read through the
-        profiler, and a gloo message crossing its start or stop was seen to arrive
-        corrupted (torch 2.13). x [B, ...] (rank 0 only), y int64 [B]."""
-        trial, stage, y = copy.deepcopy(self.net), stage_for(self.net.rule), y.to(self.device)
-        like = next(trial.parameters())
-        zeros = functools.partial(torch.zeros, dtype=like.dtype, device=self.device)
-        h = x.to(self.device) if self.rank == 0 else zeros(len(y), *trial.nodes[self.first].input_shape)
-        message = zeros(h.shape) if stage.forward and self.rank > 0 else None
-        with memory.track_peak(self.device) as peak:
-            if stage.top_down or stage.top_down_once:
-                stage.prepare(trial, self.nodes, zeros(stage.top_shape(trial, self.last)) if self.has_next else None)
-            for k in self.nodes:
-                h, _, message, _ = stage.step(trial, k, h, y, message, trial.steps)
-        return peak.bytes
-
     # ---- the other ranks' nodes ----------------------------------------------------------
     def _release(self) -> None:
         """Free the storage of every node this rank does not train (parameters, buffers,
@@ -632,15 +662,67 @@ class Pipeline:
 # ---- process groups and local launch ---------------------------------------------------
 def init_from_env(timeout: float, device_type: str = "cpu") -> tuple[int, int]:
     """Join the process group that RANK, WORLD_SIZE, MASTER_ADDR and MASTER_PORT describe
-    (as torchrun sets them): gloo on CPU, NCCL on CUDA. Returns (rank, world size)."""
-    backend = "nccl" if device_type == "cuda" else "gloo"
+    (as torchrun sets them): gloo on CPU, NCCL on CUDA. Returns (rank, world size).
+
+    Joining is bounded by ``timeout`` seconds whatever the peer does: a store client that
+    reaches a port held by another program (not a rendezvous store) waits for its handshake
+    forever, whatever timeout torch is given (seen: over 120 s). So a watchdog ends this
+    process with a clear message if the group is not joined in time."""
+    backend, rank = ("nccl" if device_type == "cuda" else "gloo"), os.environ.get("RANK", "?")
+    where = f"{os.environ.get('MASTER_ADDR')}:{os.environ.get('MASTER_PORT')}"
+    joined = threading.Event()
+
+    def watchdog() -> None:
+        if not joined.wait(timeout):
+            print(f"rank {rank}: could not join the {backend} process group at {where} within {timeout:g} s "
+                  f"(is the port taken by another program, or did rank 0 fail?)", file=sys.stderr, flush=True)
+            os._exit(3)
+
+    threading.Thread(target=watchdog, daemon=True, name="localprop-join-watchdog").start()
     try:
         dist.init_process_group(backend, timeout=datetime.timedelta(seconds=timeout))
     except (RuntimeError, ValueError, dist.DistError) as exc:
-        raise DistributedError(f"rank {os.environ.get('RANK', '?')}: could not join the {backend} process group "
-                               f"at {os.environ.get('MASTER_ADDR')}:{os.environ.get('MASTER_PORT')} within "
+        raise DistributedError(f"rank {rank}: could not join the {backend} process group at {where} within "
                                f"{timeout:g} s ({exc})") from exc
+    finally:
+        joined.set()
     return dist.get_rank(), dist.get_world_size()
+
+
+def all_ranks(value: Any, what: str) -> list[Any]:
+    """Every rank's ``value`` (picklable), in rank order; every rank calls it. A peer that
+    died or hung is a DistributedError naming ``what`` was being exchanged."""
+    gathered: list[Any] = [None] * dist.get_world_size()
+    try:
+        dist.all_gather_object(gathered, value)
+    except (RuntimeError, dist.DistError) as exc:
+        raise DistributedError(f"rank {dist.get_rank()}: exchanging {what} failed: a rank died or hung "
+                               f"({type(exc).__name__}: {str(exc).splitlines()[0]})") from exc
+    return gathered
+
+
+def agree(facts: dict[str, Any]) -> None:
+    """Check that every rank was started with the same ``facts`` (JSON-like: the config,
+    a digest of the data, the partition, ...); raise DistributedError naming the first
+    key that differs, with rank 0's value and the other rank's. Every rank calls it."""
+    gathered = all_ranks(facts, "the ranks' configurations")
+    for r, theirs in enumerate(gathered):
+        diff = _first_difference(gathered[0], theirs)
+        if diff is not None:
+            key, mine, other = diff
+            raise DistributedError(f"ranks disagree on {key}: rank 0 has {mine!r}, rank {r} has {other!r}; every "
+                                   f"rank must be started with the same configuration, data and command line")
+
+
+def _first_difference(a: Any, b: Any, key: str = "") -> tuple[str, Any, Any] | None:
+    """(dotted key, a's value, b's value) of the first place where a and b differ, or None."""
+    if isinstance(a, dict) and isinstance(b, dict):
+        for k in sorted(set(a) | set(b), key=str):
+            diff = _first_difference(a.get(k), b.get(k), f"{key}.{k}" if key else str(k))
+            if diff is not None:
+                return diff
+        return None
+    return None if a == b else (key or "the configuration", a, b)
 
 
 def free_port() -> int:
@@ -650,20 +732,34 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+class Stopped(RuntimeError):
+    """The launcher was told to stop (SIGTERM, SIGINT, SIGHUP) and stopped its ranks."""
+
+    def __init__(self, signum: int) -> None:
+        super().__init__(f"stopped by {signal.Signals(signum).name}; every rank was stopped")
+        self.signum = signum
+
+
 def launch(argv: list[str], ranks: int, grace: float = 5.0) -> int:
     """Run ``python -m localprop <argv>`` as ``ranks`` local processes of one gloo group on
     localhost. When a rank exits with an error, the others are terminated (SIGTERM, then
     SIGKILL after ``grace`` seconds) and a DistributedError names the first rank that
     failed: ranks are watched in the order they exit, since a rank killed from outside takes
     its peers down with it within moments (gloo may abort them), and a poll of all exit codes
-    could find the consequence first. Returns 0."""
+    could find the consequence first. Returns 0.
+
+    No rank outlives the launcher: SIGTERM, SIGINT or SIGHUP to it stops every rank (then
+    :class:`Stopped` is raised), and if it is killed outright (SIGKILL), the kernel sends
+    each rank SIGTERM (Linux's parent-death signal)."""
     env = {**os.environ, "WORLD_SIZE": str(ranks), "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(free_port())}
-    procs = [subprocess.Popen([sys.executable, "-m", "localprop", *argv],
-                              env={**env, "RANK": str(r), "LOCAL_RANK": str(r)}) for r in range(ranks)]
     exits: queue.Queue[tuple[int, int]] = queue.Queue()
-    for r, p in enumerate(procs):
-        threading.Thread(target=lambda r=r, p=p: exits.put((r, p.wait())), daemon=True).start()
+    previous = _raise_on_signals()
+    procs: list[subprocess.Popen] = []
     try:
+        for r in range(ranks):
+            procs.append(subprocess.Popen([sys.executable, "-m", "localprop", *argv], preexec_fn=_die_with(os.getpid()),
+                                          env={**env, "RANK": str(r), "LOCAL_RANK": str(r)}))
+            threading.Thread(target=lambda r=r, p=procs[-1]: exits.put((r, p.wait())), daemon=True).start()
         for _ in procs:
             r, code = exits.get()
             if code != 0:
@@ -671,13 +767,53 @@ def launch(argv: list[str], ranks: int, grace: float = 5.0) -> int:
                 raise DistributedError(f"rank {r} of {ranks} stopped with {why}; the other ranks were stopped")
         return 0
     finally:
+        for s in previous:  # a second signal must not interrupt the stopping of the ranks
+            signal.signal(s, signal.SIG_IGN)
         _stop(procs, grace)
+        for s, handler in previous.items():
+            signal.signal(s, handler)
+
+
+_STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)
+
+
+def _raise_on_signals() -> dict:
+    """Make the stop signals raise :class:`Stopped` in the main thread (by default SIGTERM
+    and SIGHUP end the process at once, without the ``finally`` that stops the ranks);
+    returns the previous handlers. Outside the main thread signals cannot be handled, and
+    nothing is changed."""
+    if threading.current_thread() is not threading.main_thread():
+        return {}
+
+    def handler(signum, frame):
+        raise Stopped(signum)
+
+    return {s: signal.signal(s, handler) for s in _STOP_SIGNALS}
+
+
+def _die_with(parent: int):
+    """A preexec_fn: the child gets SIGTERM when the launcher dies, however it dies
+    (prctl PR_SET_PDEATHSIG, Linux), and exits at once if it died already. The libc
+    handle is taken here, in the parent: a child forked from a threaded parent must not
+    import or allocate before exec."""
+    prctl = None
+    if sys.platform.startswith("linux"):
+        import ctypes
+        prctl = ctypes.CDLL(None).prctl
+
+    def arm() -> None:
+        if prctl is not None:
+            prctl(1, signal.SIGTERM)  # 1: PR_SET_PDEATHSIG
+        if os.getppid() != parent:
+            os._exit(1)
+    return arm
 
 
 def _stop(procs: list[subprocess.Popen], grace: float) -> None:
     alive = [p for p in procs if p.poll() is None]
     for p in alive:
         p.terminate()
+        p.send_signal(signal.SIGCONT)  # a stopped (SIGSTOP) rank acts on SIGTERM only once continued
     deadline = time.monotonic() + grace
     for p in alive:
         try:

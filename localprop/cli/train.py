@@ -7,8 +7,11 @@ and, distributed, each rank's outstanding backward messages."""
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import os
+import re
+import sys
 import tempfile
 import time
 from dataclasses import dataclass
@@ -122,42 +125,85 @@ def _bar(split, cfg, args, done: int):
                 disable=args.quiet)
 
 
-def _checkpoint_path(args) -> str:
+def _checkpoint_path(args, single: bool = True) -> str:
+    """--checkpoint, checked for --resume: one process resumes from that file, the ranks
+    of several from their sets beside it (see rank_checkpoint)."""
     if not args.checkpoint:
         raise config.ConfigError("--resume", "a --checkpoint PATH to resume from", None)
-    if not Path(args.checkpoint).is_file():
+    if single and not Path(args.checkpoint).is_file():
         raise config.ConfigError("--checkpoint", "an existing checkpoint file to resume from", args.checkpoint)
     return args.checkpoint
 
 
 # ---- one rank of several ---------------------------------------------------------------
-def rank_checkpoint(path: str, rank: int) -> str:
-    """Each rank's own checkpoint file: ``<stem>.rank<r><suffix>`` beside ``path``."""
+def rank_checkpoint(path: str, rank: int, step: int) -> Path:
+    """Rank ``rank``'s checkpoint of ``step``: ``<stem>.rank<r>.step<N><suffix>`` beside
+    ``path``. A distributed checkpoint is the set of every rank's file of one step."""
     p = Path(path)
-    return str(p.with_name(f"{p.stem}.rank{rank}{p.suffix}"))
+    return p.with_name(f"{p.stem}.rank{rank}.step{step}{p.suffix}")
+
+
+def rank_steps(path: str, rank: int) -> list[int]:
+    """The steps of rank ``rank``'s checkpoint files beside ``path``, ascending."""
+    p = Path(path)
+    pattern = re.compile(rf"{re.escape(p.stem)}\.rank{rank}\.step(\d+){re.escape(p.suffix)}")
+    found = (pattern.fullmatch(f.name) for f in p.parent.glob(f"{p.stem}.rank{rank}.step*{p.suffix}"))
+    return sorted(int(m.group(1)) for m in found if m)
+
+
+def complete_step(path: str, steps_per_rank: list[list[int]], warn: bool = True) -> int:
+    """The last step of which every rank wrote its checkpoint (a kill between the ranks'
+    writes leaves a torn set: the ranks' newest files are of different steps). Warns when
+    a newer, torn set is passed over; a ConfigError if no step is complete."""
+    common = set(steps_per_rank[0]).intersection(*steps_per_rank[1:])
+    have = "; ".join(f"rank {r}: {steps or 'none'}" for r, steps in enumerate(steps_per_rank))
+    if not common:
+        raise config.ConfigError("--checkpoint", f"a complete set of rank checkpoints to resume from ({have})", path)
+    step = max(common)
+    if warn and any(steps and steps[-1] > step for steps in steps_per_rank):
+        print(f"localprop: warning: the newest checkpoints of {path} are an incomplete set ({have}); "
+              f"resuming from step {step}, the last step every rank saved", file=sys.stderr)
+    return step
 
 
 def run_rank(cfg: dict, args) -> dict | None:
-    """This process's rank of a pipeline; rank 0 returns the results, the others None."""
-    dcfg = cfg["distributed"]
-    rank, world = distributed.init_from_env(dcfg["timeout"])
+    """This process's rank of a pipeline; rank 0 returns the results, the others None.
+    Everything that needs no peer (data, network, partition, step memory) comes before the
+    process group is joined: see distributed.step_memory for why the measurement must."""
+    rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
+    split = config.dataset(cfg)
+    net = config.network(cfg, split)
+    distributed.stage_for(net.rule)  # refuse a rule before any work
+    counts = _counts(net, cfg, world)
+    x, y = split.x_train[:cfg["batch_size"]], split.y_train[:cfg["batch_size"]]
+    peak = distributed.step_memory(net, counts, rank, x if rank == 0 else None, y)
+    distributed.init_from_env(cfg["distributed"]["timeout"])
     try:
-        return _train_rank(cfg, args, rank, world)
+        distributed.agree(_facts(cfg, args, split, counts, world))
+        return _train_rank(cfg, args, split, net, counts, peak)
     finally:
         torch.distributed.destroy_process_group()
 
 
-def _train_rank(cfg, args, rank, world):
-    dcfg, split = cfg["distributed"], config.dataset(cfg)
-    net = config.network(cfg, split)
-    distributed.stage_for(net.rule)  # refuse a rule before any work
-    path = rank_checkpoint(args.checkpoint, rank) if args.checkpoint else None
+def _facts(cfg, args, split, counts, world) -> dict:
+    """What every rank must agree on (see distributed.agree)."""
+    digest = hashlib.sha256(split.y_train.numpy().tobytes() + str(list(split.x_train.shape)).encode()).hexdigest()
+    return {"config": cfg, "training data (labels' digest and inputs' shape)": digest, "partition": counts,
+            "world size": world, "command line": {"max_steps": args.max_steps, "resume": args.resume,
+                                                  "checkpoint_every": args.checkpoint_every,
+                                                  "checkpoint": args.checkpoint}}
+
+
+def _train_rank(cfg, args, split, net, counts, peak):
+    dcfg, rank, world = cfg["distributed"], torch.distributed.get_rank(), torch.distributed.get_world_size()
     pos, extra = Position(torch.Generator().manual_seed(cfg["seed"])), None
     if args.resume:
-        extra = checkpoint.load(_checkpoint_path(argparse.Namespace(checkpoint=path)), net)
-        counts = extra["partition"].tolist()
-    else:
-        counts = _counts(net, split, cfg, world)
+        steps = distributed.all_ranks(rank_steps(_checkpoint_path(args, single=False), rank), "checkpoint steps")
+        step = complete_step(args.checkpoint, steps, warn=rank == 0)
+        extra = checkpoint.load(rank_checkpoint(args.checkpoint, rank, step), net)
+        if net.steps != step:
+            raise config.ConfigError("--checkpoint", f"a rank file of step {step}",
+                                     f"{rank_checkpoint(args.checkpoint, rank, step)} of step {net.steps}")
     pipe = distributed.Pipeline(net, counts, dcfg["mode"], dcfg["staleness"], dcfg["timeout"])
     if extra is not None:
         pipe.load_state(extra)
@@ -171,20 +217,15 @@ def _train_rank(cfg, args, rank, world):
         pipe.step(x if rank == 0 else None, y)
         pos.position += 1
         bar.update(1)
-        if path and args.checkpoint_every and net.steps % args.checkpoint_every == 0:
-            with pipe.whole():
-                checkpoint.save(path, net, **pos.extra(), **pipe.state())
+        if args.checkpoint and args.checkpoint_every and net.steps % args.checkpoint_every == 0:
+            _save_set(args.checkpoint, pipe, pos)
     if net.steps >= total_steps(split, cfg):
         pipe.finish()  # the run is complete: its last backward messages are absorbed
-    if path:
-        with pipe.whole():
-            checkpoint.save(path, net, **pos.extra(), **pipe.state())
+    if args.checkpoint:
+        _save_set(args.checkpoint, pipe, pos)
     pipe.finish()  # a stop before the end still takes in what was sent, so that no sender waits
     wall = time.perf_counter() - start
     bar.close()
-    # measured now, with nothing in flight for this rank (see Pipeline.step_memory)
-    batch = cfg["batch_size"]
-    peak = pipe.step_memory(split.x_train[:batch] if rank == 0 else None, split.y_train[:batch])
     # per rank: the step's peak, and what it holds (its own nodes, their optimizer state)
     stats = [torch.zeros(2, dtype=torch.int64) for _ in range(world)]
     torch.distributed.all_gather(stats, torch.tensor([peak, sum(memory.resident(net))]))
@@ -198,20 +239,31 @@ def _train_rank(cfg, args, rank, world):
             "wait_seconds_rank0": pipe.wait_seconds}
 
 
-def _counts(net, split, cfg, world) -> list[int]:
-    """The partition: the config's list, or rank 0's timing broadcast to every rank."""
+def _save_set(path: str, pipe, pos: Position) -> None:
+    """Every rank writes its file of this step; once all have (a step barrier), each
+    removes its older files. A kill at any moment leaves at least one complete set: the
+    older files go only after the newer set is whole."""
+    net, rank, step = pipe.net, pipe.rank, pipe.net.steps
+    with pipe.whole():
+        checkpoint.save(rank_checkpoint(path, rank, step), net, **pos.extra(), **pipe.state())
+    saved = distributed.all_ranks(step, "the checkpoint barrier")
+    if any(s != step for s in saved):
+        raise distributed.DistributedError(f"rank {rank}: the ranks saved checkpoints of different steps {saved}")
+    for old in rank_steps(path, rank):
+        if old != step:
+            rank_checkpoint(path, rank, old).unlink(missing_ok=True)
+
+
+def _counts(net, cfg, world) -> list[int]:
+    """The partition: the config's list, or the split of the nodes' modelled costs
+    (distributed.node_flops), the same on every rank and in every run."""
     given = cfg["distributed"]["partition"]
-    if given != "cost":
-        if len(given) != world or sum(given) != len(net.nodes):
-            raise config.ConfigError("distributed.partition",
-                                     f"{world} node counts summing to the {len(net.nodes)} nodes", given)
-        return given
-    counts = torch.zeros(world, dtype=torch.int64)
-    if torch.distributed.get_rank() == 0:
-        x, y = split.x_train[:cfg["batch_size"]], split.y_train[:cfg["batch_size"]]
-        counts = torch.tensor(distributed.partition(distributed.node_costs(net, x, y), world))
-    torch.distributed.broadcast(counts, src=0)
-    return counts.tolist()
+    if given == "cost":
+        return distributed.partition(distributed.node_flops(net), world)
+    if len(given) != world or sum(given) != len(net.nodes):
+        raise config.ConfigError("distributed.partition",
+                                 f"{world} node counts summing to the {len(net.nodes)} nodes", given)
+    return given
 
 
 # ---- the command ------------------------------------------------------------------------
@@ -271,17 +323,32 @@ def run(args) -> int:
 
 
 def _launch(cfg: dict, args) -> int:
-    """--ranks N: the resolved config to a file, then N processes of this command on it."""
+    """--ranks N: the resolved config to a file, then N processes of this command on it,
+    once everything a rank would refuse has been checked here."""
+    _precheck(cfg, args)
     with tempfile.TemporaryDirectory() as folder:
         path = Path(folder) / "config.json"
         path.write_text(json.dumps(cfg))
-        argv = ["train", "--config", str(path), "--threads", str(args.threads or 1)]
+        argv = ["--debug"] * args.debug + ["train", "--config", str(path), "--threads", str(args.threads or 1)]
         for flag, value in (("--json", args.json), ("--checkpoint", args.checkpoint),
                             ("--checkpoint-every", args.checkpoint_every), ("--max-steps", args.max_steps)):
             if value is not None:
                 argv += [flag, str(value)]
         argv += ["--resume"] * args.resume + ["--quiet"] * args.quiet
         return distributed.launch(argv, args.ranks)
+
+
+def _precheck(cfg: dict, args) -> None:
+    """Refuse, before any rank starts, what every rank would refuse: the data, the model,
+    a rule that cannot run distributed, a partition that does not fit, nothing to resume."""
+    net = config.network(cfg, config.dataset(cfg))
+    distributed.stage_for(net.rule)
+    if len(net.nodes) < args.ranks:
+        raise config.ConfigError("--ranks", f"at most one rank per node ({len(net.nodes)} nodes)", args.ranks)
+    _counts(net, cfg, args.ranks)
+    if args.resume:  # the ranks warn of a torn set passed over
+        path = _checkpoint_path(args, single=False)
+        complete_step(path, [rank_steps(path, r) for r in range(args.ranks)], warn=False)
 
 
 def _report(result: dict, cfg: dict, args) -> None:
