@@ -435,7 +435,7 @@ class Pipeline:
         elif self.stage.top_down_once and not self.prepared:
             self._top_down_once()
         self.prepared = True
-        y = y.to(self.device)
+        y = y.to(self.device, torch.int64)  # the network's validation is not on this path
         losses = self._global_step(x, y, step) if self.stage.is_global(step) else self._local_step(x, y, step)
         if self.stage.top_down:
             self._top_down(step + 1)
@@ -497,6 +497,8 @@ class Pipeline:
         for k in self.nodes:
             net.nodes[k].optimizer.step()
             net.nodes[k].optimizer.zero_grad(set_to_none=True)
+        for k in self.nodes:  # after every node has stepped, as in one process: no gradient is left behind
+            net.nodes[k].check_update(net.nodes[k].optimized_parameters(), step)
         return losses
 
     def _top_down_once(self) -> None:

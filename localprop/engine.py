@@ -14,9 +14,9 @@ import torch
 from torch import nn
 
 from . import heads, rules
-from .errors import check_finite
+from .errors import LABEL_DTYPE_NAMES, LABEL_DTYPES, check_finite
 from .network import DEFAULT_OPTIMIZER, Network, OptimizerFactory
-from .nodes import ModuleNode, Node
+from .nodes import ModuleNode, Node, check_distinct
 from .topology import Goal, Topology
 
 __all__ = ["LocalSequential", "Prediction", "Flops", "DEFAULT_OPTIMIZER", "OptimizerFactory"]
@@ -73,6 +73,7 @@ class LocalSequential(Network):
             raise ValueError("LocalSequential needs at least one node")
         if not isinstance(num_classes, int) or num_classes < 2:
             raise ValueError(f"num_classes must be an int >= 2, got {num_classes!r}")
+        check_distinct([(str(k), n) for k, n in enumerate(nodes)])
         self.nodes = nn.ModuleList(n if isinstance(n, Node) else ModuleNode(n) for n in nodes)
         for k, node in enumerate(self.nodes):
             node.name = str(k)
@@ -123,9 +124,11 @@ class LocalSequential(Network):
 
     # ---- training -----------------------------------------------------------------
     def train_step(self, x: torch.Tensor, y: torch.Tensor) -> rules.StepResult:
-        """Train every node once on the batch x: [B, ...] float, y: int64 [B] in
-        [0, num_classes). Returns the per-node losses (a StepResult)."""
-        self._validate(x, y)
+        """Train every node once on the batch x: [B, ...] float, y: [B] integer labels in
+        [0, num_classes) (int64, or int32/int16/int8/uint8, which train exactly as their
+        int64 values). Returns the per-node losses (a StepResult)."""
+        self._validate_x(x)
+        y = self._validate_y(x, y)
         if not self.built:
             self.build(x)
         return self._step(x, y, x.device)
@@ -144,7 +147,9 @@ class LocalSequential(Network):
         """The batch as graph rules see it: ({"x": x}, {"y": y})."""
         return {"x": x}, {"y": y}
 
-    def _validate(self, x: torch.Tensor, y: torch.Tensor) -> None:
+    def _validate_x(self, x: torch.Tensor) -> None:
+        """x must be a non-empty float batch [B, *input shape] on the nodes' device and in
+        their dtype, and (check_finite on) finite; training and inference alike."""
         first = self.nodes[0]
         if not isinstance(x, torch.Tensor) or not x.is_floating_point():
             got = x.dtype if isinstance(x, torch.Tensor) else type(x).__name__
@@ -155,9 +160,15 @@ class LocalSequential(Network):
         if first.input_shape is not None and tuple(x.shape[1:]) != first.input_shape:
             raise ValueError(f"node {first.name}: expected x of shape [B, {', '.join(map(str, first.input_shape))}], "
                              f"got {list(x.shape)}")
-        if not isinstance(y, torch.Tensor) or y.dtype not in (torch.int64, torch.int32, torch.uint8):
+        if self.check_finite:
+            check_finite(x, first.name, self.steps, "input x")
+
+    def _validate_y(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        """The labels y [B] of the (validated) batch x, as int64: every rule then sees the
+        dtype cross-entropy needs (and no uint8 tensor to mistake for a mask)."""
+        if not isinstance(y, torch.Tensor) or y.dtype not in LABEL_DTYPES:
             got = y.dtype if isinstance(y, torch.Tensor) else type(y).__name__
-            raise TypeError(f"labels y must be an integer tensor, got {got}")
+            raise TypeError(f"labels y must be an integer tensor ({LABEL_DTYPE_NAMES}), got {got}")
         if y.device != x.device:
             raise ValueError(f"labels y are on {y.device}, x on {x.device}")
         if y.shape != (x.shape[0],):
@@ -166,12 +177,12 @@ class LocalSequential(Network):
         lo, hi = int(y.min()), int(y.max())
         if lo < 0 or hi >= self.num_classes:
             raise ValueError(f"labels must lie in [0, {self.num_classes}), got values in [{lo}, {hi}]")
-        if self.check_finite:
-            check_finite(x, first.name, self.steps, "input x")
+        return y.long()
 
     # ---- inference ----------------------------------------------------------------
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """Logits [B, C] of the whole chain."""
+        """Logits [B, C] of the whole chain on x [B, ...], validated as in train_step."""
+        self._validate_x(x)
         if not self.built:
             self.build(x)
         self._set_backend(x.device)
@@ -188,14 +199,16 @@ class LocalSequential(Network):
         - ``ensemble=True``: every sample runs through every node and head, and its
           label is the argmax of the sum of the heads' and the main output's softmax.
 
-        Without heads (rule bp) every sample exits at the last node. x: [B, ...].
-        Returns a :class:`Prediction` (labels and exit_node int64 [B], flops_fraction).
+        Without heads (rule bp) every sample exits at the last node. x: [B, ...], validated
+        as in train_step. Returns a :class:`Prediction` (labels and exit_node int64 [B],
+        flops_fraction).
         """
         if exit_threshold is not None and ensemble:
             raise ValueError("predict: give exit_threshold or ensemble=True, not both")
         if exit_threshold is not None and not 0 <= exit_threshold <= 1:
             raise ValueError(f"predict: exit_threshold must lie in [0, 1] (a softmax probability), "
                              f"got {exit_threshold!r}")
+        self._validate_x(x)
         if not self.built:
             self.build(x)
         self._set_backend(x.device)

@@ -6,9 +6,9 @@ import torch
 from torch import nn
 
 from . import rules
-from .errors import check_finite
+from .errors import LABEL_DTYPE_NAMES, LABEL_DTYPES, check_finite
 from .network import Network, OptimizerFactory
-from .nodes import ModuleNode, Node
+from .nodes import ModuleNode, Node, check_distinct
 from .topology import LOSSES, Goal, Topology, run_forward
 
 
@@ -53,6 +53,7 @@ class LocalGraph(Network):
         inputs = [inputs] if isinstance(inputs, str) else list(inputs)
         if not inputs:
             raise ValueError(f"node {name!r}: give at least one input")
+        check_distinct([(repr(n), m) for n, m in self.graph_nodes.items()] + [(repr(name), node)])
         node = node if isinstance(node, Node) else ModuleNode(node)
         node.name = name
         self.graph_nodes[name] = node
@@ -141,10 +142,11 @@ class LocalGraph(Network):
         return inputs, targets
 
     def train_step(self, inputs: dict[str, torch.Tensor], targets: dict[str, torch.Tensor]) -> rules.StepResult:
-        """Train every node once. inputs: name -> float [B, K]; targets: name -> int64 [B]
-        labels (cross-entropy goals) or float [B, N] (mse goals)."""
+        """Train every node once. inputs: name -> float [B, K]; targets: name -> integer
+        labels [B] (cross-entropy goals: int64, or int32/int16/int8/uint8, which train
+        exactly as their int64 values) or float [B, N] (mse goals)."""
         topo = self.topology()
-        self._validate(topo, inputs, targets)
+        targets = self._validate(topo, inputs, targets)
         return self._step(inputs, targets, next(iter(inputs.values())).device)
 
     def forward(self, inputs: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -191,9 +193,14 @@ class LocalGraph(Network):
             for name, t in inputs.items():
                 check_finite(t, topo.consumers[name][0], self.steps, f"input {name!r}")
 
-    def _validate(self, topo: Topology, inputs, targets) -> None:
+    def _validate(self, topo: Topology, inputs, targets) -> dict[str, torch.Tensor]:
+        """Check a batch; returns the targets with cross-entropy labels as int64 (the dtype
+        every rule's cross-entropy needs)."""
         self._validate_inputs(topo, inputs)
+        if not isinstance(targets, dict):
+            raise TypeError(f"targets must be a dict name -> tensor, got {type(targets).__name__}")
         batch = next(iter(inputs.values())).shape[0]
+        targets = dict(targets)
         for goal in self.goals.values():
             if goal.target not in targets:
                 raise ValueError(f"goal {goal.node!r}: target {goal.target!r} is missing; targets given: "
@@ -201,18 +208,21 @@ class LocalGraph(Network):
             t, node = targets[goal.target], self.graph_nodes[goal.node]
             width = node.output_shape[0] if node.output_shape else None
             if goal.loss == "cross_entropy":
-                if t.dtype not in (torch.int64, torch.int32, torch.uint8):
+                if not isinstance(t, torch.Tensor) or t.dtype not in LABEL_DTYPES:
+                    got = t.dtype if isinstance(t, torch.Tensor) else type(t).__name__
                     raise TypeError(f"goal {goal.node!r}: cross-entropy target {goal.target!r} must be integer "
-                                    f"labels, got {t.dtype}")
+                                    f"labels ({LABEL_DTYPE_NAMES}), got {got}")
                 if t.shape != (batch,):
                     raise ValueError(f"goal {goal.node!r}: target {goal.target!r} must have shape [{batch}], "
                                      f"got {list(t.shape)}")
                 lo, hi = int(t.min()), int(t.max())
                 if width is not None and (lo < 0 or hi >= width):
                     raise ValueError(f"goal {goal.node!r}: labels must lie in [0, {width}), got [{lo}, {hi}]")
+                targets[goal.target] = t.long()
             elif width is not None and t.shape != (batch, width):
                 raise ValueError(f"goal {goal.node!r}: mse target {goal.target!r} must have shape "
                                  f"[{batch}, {width}], got {list(t.shape)}")
+        return targets
 
     def extra_repr(self) -> str:
         edges = ", ".join(f"{n}<-{'+'.join(i)}" for n, i in self.node_inputs.items())

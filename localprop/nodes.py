@@ -12,13 +12,14 @@ and its own optimizer over θ_k and φ_k. Two kinds:
 from __future__ import annotations
 
 import math
+from typing import Iterable, Sequence
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from . import ops
-from .errors import check_finite
+from .errors import check_finite, check_parameters
 from .ops import activation as act
 
 
@@ -46,12 +47,30 @@ class Node(nn.Module):
     def learn(self, loss: torch.Tensor, step: int) -> None:
         """Backward of a local loss restricted to this node, one optimizer step, and
         gradients freed at once. Raises FloatingPointError before any change if the
-        loss is not finite."""
+        loss is not finite, and after the step if it made a parameter non-finite."""
         if self.check_finite:
             check_finite(loss, self.name, step, "loss")
         loss.backward()
+        self.step_optimizer(step)
+
+    def step_optimizer(self, step: int) -> None:
+        """One step of the node's optimizer on the gradients in ``.grad``, which are then
+        freed; FloatingPointError if it made a parameter non-finite (see :meth:`check_update`)."""
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
+        self.check_update(self.optimized_parameters(), step)
+
+    def optimized_parameters(self) -> list[nn.Parameter]:
+        """The parameters the node's optimizer steps (see Rule.node_parameters)."""
+        return [p for group in self.optimizer.param_groups for p in group["params"]]
+
+    def check_update(self, params: Iterable[torch.Tensor], step: int, owner: nn.Module | None = None) -> None:
+        """With ``check_finite`` on, raise FloatingPointError if the update of ``step`` just
+        made one of ``params`` (this node's, its head's, or a rule's module that belongs to
+        this node, named by ``owner``, default this node) non-finite. The update is not
+        rolled back: see :func:`localprop.errors.check_parameters`."""
+        if self.check_finite:
+            check_parameters(list(params), self if owner is None else owner, self.name, step)
 
 
 class ModuleNode(Node):
@@ -127,7 +146,8 @@ class LocalLinear(Node):
         update of W, b and of the head (A, c), with no autograd graph.
 
         u: [B, K]; y: int64 [B]. Returns (h [B, N], loss []). Raises FloatingPointError
-        before any parameter changes if the loss is not finite.
+        before any parameter changes if the loss is not finite, and after the update if it
+        made a parameter non-finite.
         """
         with torch.no_grad():
             h, aux = self.transform(u)
@@ -138,7 +158,7 @@ class LocalLinear(Node):
             grads = [ops.LinearGrad(self.weight, self.bias, out.err, u)]
             if a is not None:
                 grads.append(ops.LinearGrad(a, c, out.dlogits, h))
-            ops.update(self.optimizer, grads, backend=self.backend)
+            self.update(grads, step)
         return h, out.loss
 
     def learn_from_output_grad(self, u: torch.Tensor, h: torch.Tensor, aux: torch.Tensor,
@@ -149,11 +169,12 @@ class LocalLinear(Node):
         itself.
 
         u: [B, K] the node's input; h, aux: from :meth:`transform`; g: [B, N], overwritten.
-        Raises FloatingPointError before any change if g is not finite.
+        Raises FloatingPointError before any change if g is not finite, and after the
+        update if it made W or b non-finite.
         """
         if self.check_finite:
             check_finite(g, self.name, step, "output gradient")
-        self.apply_error(u, self.error(g, h, aux))
+        self.apply_error(u, self.error(g, h, aux), step)
 
     def error(self, g: torch.Tensor, h: torch.Tensor, aux: torch.Tensor) -> torch.Tensor:
         """The nonlinear error ε = g ⊙ σ'(z) [B, N] from the goal error g [B, N] (overwritten)
@@ -168,11 +189,42 @@ class LocalLinear(Node):
             return ops.head_error(h, aux, None, None, y, self.activation,
                                   self.weight if message else None, backend=self.backend)
 
-    def apply_error(self, u: torch.Tensor, err: torch.Tensor) -> None:
-        """Fused update of W, b by the node's optimizer with dW = errᵀ u, db = Σ_b err."""
+    def apply_error(self, u: torch.Tensor, err: torch.Tensor, step: int) -> None:
+        """Fused update of W, b by the node's optimizer with dW = errᵀ u, db = Σ_b err
+        (u [B, K], err [B, N]), checked as :meth:`update` is."""
+        self.update([ops.LinearGrad(self.weight, self.bias, err, u)], step)
+
+    def update(self, grads: Sequence[ops.LinearGrad], step: int) -> None:
+        """The fused update (:func:`localprop.ops.update`) of the parameters in ``grads``
+        (the node's W, b and its head's A, c; several LinearGrads of one parameter add up)
+        by the node's optimizer, then :meth:`check_update` of those parameters: the fused
+        kernels write them without optimizer.step(), so this is where they are checked."""
         with torch.no_grad():
-            ops.update(self.optimizer, [ops.LinearGrad(self.weight, self.bias, err, u)], backend=self.backend)
+            ops.update(self.optimizer, list(grads), backend=self.backend)
+        updated = {id(t): t for g in grads for t in (g.weight, g.bias) if t is not None}
+        self.check_update(updated.values(), step)
 
     def extra_repr(self) -> str:
         return (f"name={self.name!r}, in_features={self.in_features}, out_features={self.out_features}, "
                 f"activation={self.activation!r}, bias={self.bias is not None}")
+
+
+def check_distinct(nodes: Sequence[tuple[str, nn.Module]]) -> None:
+    """Each node must own its parameters: a module given as two nodes (or two nodes that
+    share a parameter) would have two optimizers stepping one tensor, each on its own
+    loss. ``nodes``: (label as the error names the node, the module as the user gave it);
+    ValueError naming the two nodes (TypeError for something that is no module)."""
+    seen: dict[int, str] = {}
+    owner: dict[int, str] = {}
+    for label, module in nodes:
+        if not isinstance(module, nn.Module):
+            raise TypeError(f"node {label} must be an nn.Module (a block or a LocalLinear), "
+                            f"got {type(module).__name__}")
+        if id(module) in seen:
+            raise ValueError(f"node {label} is the same module as node {seen[id(module)]}: give each node its "
+                             f"own module (a node's parameters are stepped by its own optimizer)")
+        seen[id(module)] = label
+        for name, p in module.named_parameters():
+            if owner.setdefault(id(p), label) != label:
+                raise ValueError(f"nodes {owner[id(p)]} and {label} share the parameter {name!r}: give each node "
+                                 f"its own parameters (each is stepped by its own node's optimizer)")

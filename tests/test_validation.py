@@ -2,8 +2,10 @@
 changes nothing."""
 import pytest
 import torch
+from torch import nn
 
 import localprop as lp
+from localprop.nodes import ModuleNode
 from tests.conftest import SGD, mlp_nodes
 
 
@@ -27,7 +29,8 @@ def unchanged(net, before):
     (torch.randn(4, 9), torch.tensor([0, -1, 2, 2]), ValueError, r"got values in \[-1, 2\]"),
     (torch.randn(0, 9), torch.zeros(0, dtype=torch.long), ValueError, r"node 0: empty batch"),
     (torch.ones(4, 9, dtype=torch.long), torch.zeros(4, dtype=torch.long), TypeError, r"node 0: x must be a floating-point tensor, got torch.int64"),
-    (torch.randn(4, 9), torch.zeros(4), TypeError, r"labels y must be an integer tensor, got torch.float32"),
+    (torch.randn(4, 9), torch.zeros(4), TypeError, r"labels y must be an integer tensor \(int64, int32, int16, int8 "
+                                                   r"or uint8\), got torch.float32"),
 ])
 def test_bad_batches(net, x, y, error, match):
     before = snapshot(net)
@@ -69,6 +72,77 @@ def test_non_finite_loss_names_node_and_step_and_changes_nothing(rule):
         net.train_step(x, y)
     assert all(torch.equal(a, b) if not a.isnan().any() else torch.allclose(a, b, equal_nan=True)
                for a, b in zip(before, net.parameters()))
+
+
+INFERENCE = {
+    "forward": lambda net, x: net(x),
+    "predict": lambda net, x: net.predict(x),
+    "predict-exit": lambda net, x: net.predict(x, exit_threshold=0.5),
+    "predict-ensemble": lambda net, x: net.predict(x, ensemble=True),
+}
+
+
+def nan_batch():
+    x = torch.randn(4, 9)
+    x[1, 2] = float("nan")
+    return x
+
+
+@pytest.mark.parametrize("call", list(INFERENCE))
+@pytest.mark.parametrize("make_x,error,match", [
+    (lambda: torch.randn(4, 8), ValueError, r"node 0: expected x of shape \[B, 9\], got \[4, 8\]"),
+    (nan_batch, FloatingPointError, r"node 0: non-finite input x at step 0"),
+    (lambda: torch.randn(0, 9), ValueError, r"node 0: empty batch \(x has shape \[0, 9\]\)"),
+    (lambda: torch.ones(4, 9, dtype=torch.long), TypeError,
+     r"node 0: x must be a floating-point tensor, got torch.int64"),
+    (lambda: torch.randn(4, 9, dtype=torch.float64), TypeError, r"node 0: x is torch.float64, the node's parameters"),
+], ids=["width", "nan", "empty", "int", "float64"])
+def test_inference_validates_x_as_training_does(net, call, make_x, error, match):
+    with pytest.raises(error, match=match):
+        INFERENCE[call](net, make_x())
+
+
+def test_inference_of_non_finite_x_is_allowed_with_check_finite_off():
+    net = lp.LocalSequential(*mlp_nodes([9, 16, 5]), num_classes=5, check_finite=False)
+    assert net(nan_batch()).isnan().any()
+
+
+def test_a_module_network_validates_x_once_built():
+    net = lp.LocalSequential(nn.Linear(9, 16), nn.ReLU(), nn.Linear(16, 5), num_classes=5)
+    net(torch.randn(4, 9))  # builds: node 0 now knows its input shape
+    with pytest.raises(ValueError, match=r"node 0: expected x of shape \[B, 9\], got \[4, 8\]"):
+        net.predict(torch.randn(4, 8))
+
+
+@pytest.mark.parametrize("make,match", [
+    (lambda a, b: [a, b, a], r"node 2 is the same module as node 0"),
+    (lambda a, b: [nn.Sequential(a.block, nn.ReLU()), nn.Sequential(a.block), b],
+     r"nodes 0 and 1 share the parameter '0.weight'"),
+    (lambda a, b: [a, ModuleNode(a.block), b], r"nodes 0 and 1 share the parameter 'block.weight'"),
+], ids=["same-node", "shared-block", "shared-wrapped-block"])
+def test_a_node_given_twice_is_refused(make, match):
+    a, b = ModuleNode(nn.Linear(5, 5)), nn.Linear(5, 3)
+    with pytest.raises(ValueError, match=match):
+        lp.LocalSequential(*make(a, b), num_classes=3)
+
+
+def test_a_fused_node_given_twice_is_refused():
+    a = lp.LocalLinear(5, 5)
+    with pytest.raises(ValueError, match=r"node 1 is the same module as node 0"):
+        lp.LocalSequential(a, a, lp.LocalLinear(5, 3, activation=None), num_classes=3)
+
+
+@pytest.mark.parametrize("second,match", [
+    (lambda a: a, r"node 'b' is the same module as node 'a'"),
+    (lambda a: ModuleNode(a.block), r"nodes 'a' and 'b' share the parameter 'block.weight'"),
+], ids=["same-node", "shared-block"])
+def test_a_graph_refuses_a_node_added_twice(second, match):
+    g = lp.LocalGraph(rule="bp")
+    a = ModuleNode(nn.Linear(5, 5))
+    g.add("a", a, inputs="x")
+    with pytest.raises(ValueError, match=match):
+        g.add("b", second(a), inputs="a")
+    assert list(g.graph_nodes) == ["a"]
 
 
 def test_shape_mismatch_between_nodes():

@@ -40,7 +40,9 @@ class Rule(abc.ABC):
     def attach(self, net: LocalSequential) -> None:
         """Build the rule's own state on ``net`` (critics, feedback networks, ...) once the
         engine knows every node's shapes. Modules made here must be registered on ``net``
-        (e.g. as ``net.rule_state``) so that state_dict() carries them."""
+        (e.g. as ``net.rule_state``) so that state_dict() carries them, and each update of
+        them checked by the node they serve (``node.check_update(params, step, owner)``), so
+        that a non-finite one fails in the step that makes it."""
 
     def node_parameters(self, node) -> list[torch.nn.Parameter]:
         """The parameters node.optimizer steps: by default the node's and its head's.

@@ -13,6 +13,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .. import ops
+from ..errors import check_callable, check_float
 from .base import Rule, StepResult
 
 OptimizerFactory = Callable[[Iterable[nn.Parameter]], torch.optim.Optimizer]
@@ -60,11 +61,10 @@ class BLL(Rule):
 
     def __init__(self, lam_dec: float = 1.0, lam_cls: float = 1.0,
                  feedback_optimizer: OptimizerFactory | None = None) -> None:
-        for arg, value in (("lam_dec", lam_dec), ("lam_cls", lam_cls)):
-            if not value >= 0:
-                raise ValueError(f"BLL: {arg} must be >= 0, got {value!r}")
-        self.lam_dec, self.lam_cls = lam_dec, lam_cls
-        self.feedback_optimizer = feedback_optimizer or DEFAULT_FEEDBACK_OPTIMIZER
+        self.lam_dec = check_float("BLL", "lam_dec", lam_dec, 0)
+        self.lam_cls = check_float("BLL", "lam_cls", lam_cls, 0)
+        self.feedback_optimizer = check_callable("BLL", "feedback_optimizer", feedback_optimizer,
+                                                 "params -> Optimizer") or DEFAULT_FEEDBACK_OPTIMIZER
 
     def attach(self, net) -> None:
         dims = [feature_dim(node.output_shape) for node in net.nodes[:-1]] + [net.num_classes]
@@ -118,9 +118,12 @@ class BLL(Rule):
         if k == len(net.nodes) - 1:
             h, loss = _ce_step(net.nodes[k], u, y, step)
             return h, loss, None
-        pred = net.rule_state.feedback[k](proto)  # P_k [classes, D_k], kept for b_k's own step
+        feedback = net.rule_state.feedback[k]
+        pred = feedback(proto)  # P_k [classes, D_k], kept for b_k's own step
         h, loss, alpha = self._block_step(net.nodes[k], u, y, pred.detach()[y], step)
-        return h, loss, _train_feedback(pred[y], net.rule_state.optimizers[k], alpha)
+        fb_loss = _train_feedback(pred[y], net.rule_state.optimizers[k], alpha)
+        net.nodes[k].check_update(feedback.parameters(), step, owner=net.rule_state)
+        return h, loss, fb_loss
 
     def objective(self, h: torch.Tensor, logits: torch.Tensor | None, y: torch.Tensor,
                   beta: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -152,7 +155,7 @@ class BLL(Rule):
         grads = torch.autograd.grad(loss, wrt)
         node.learn_from_output_grad(u, h, aux, grads[0], step)
         if logits is not None:  # the head p_k: dA = dlogitsᵀ h, by the node's optimizer
-            ops.update(node.optimizer, [ops.LinearGrad(a, c, grads[1], h)], backend=node.backend)
+            node.update([ops.LinearGrad(a, c, grads[1], h)], step)
         return h, loss.detach(), alpha
 
     def __repr__(self) -> str:

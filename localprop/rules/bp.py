@@ -6,7 +6,7 @@ import math
 import torch
 from torch.utils.checkpoint import checkpoint
 
-from ..errors import check_finite
+from ..errors import check_bool, check_finite, check_int
 from ..topology import goal_loss, run_forward
 from .base import Rule, StepResult
 
@@ -30,9 +30,8 @@ class BP(Rule):
     graphs = True
 
     def __init__(self, checkpoint: bool = False, segment: int | None = None) -> None:
-        if segment is not None and segment < 1:
-            raise ValueError(f"BP: segment must be >= 1 node, got {segment}")
-        self.checkpoint, self.segment = checkpoint, segment
+        self.checkpoint = check_bool("BP", "checkpoint", checkpoint)
+        self.segment = None if segment is None else check_int("BP", "segment", segment, 1)
         self.name = "bp+checkpoint" if checkpoint else "bp"
 
     def forward_loss(self, net, x, y) -> torch.Tensor:
@@ -66,9 +65,13 @@ class BP(Rule):
         if net.check_finite:
             check_finite(loss, last, step, "loss")
         loss.backward()
+        # every node steps and frees its gradients before any is checked, so that a failing
+        # check leaves no gradient behind for the next backward to add to
         for node in topo.order:
             node.optimizer.step()
             node.optimizer.zero_grad(set_to_none=True)
+        for node in topo.order:
+            node.check_update(node.optimized_parameters(), step)
         return StepResult(step, {last: float(loss.detach())})
 
     def __repr__(self) -> str:

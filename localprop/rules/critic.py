@@ -11,6 +11,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..errors import check_callable, check_int
 from .base import Rule, StepResult
 
 CriticFactory = Callable[[tuple[int, ...], int], nn.Module]
@@ -82,14 +83,11 @@ class Critic(Rule):
 
     def __init__(self, critic: CriticFactory | None = None, critic_every: int = 1,
                  critic_optimizer: OptimizerFactory | None = None) -> None:
-        if not isinstance(critic_every, int) or critic_every < 1:
-            raise ValueError(f"Critic: critic_every must be an int >= 1, got {critic_every!r}")
-        if critic is not None and not callable(critic):
-            raise ValueError(f"Critic: critic must be a callable (shape, num_classes) -> nn.Module or None, "
-                             f"got {type(critic).__name__}")
-        self.make_critic = critic or default_critic
-        self.critic_every = critic_every
-        self.critic_optimizer = critic_optimizer or DEFAULT_CRITIC_OPTIMIZER
+        self.make_critic = check_callable("Critic", "critic", critic, "(shape, num_classes) -> nn.Module") \
+            or default_critic
+        self.critic_every = check_int("Critic", "critic_every", critic_every, 1)
+        self.critic_optimizer = check_callable("Critic", "critic_optimizer", critic_optimizer,
+                                               "params -> Optimizer") or DEFAULT_CRITIC_OPTIMIZER
 
     def attach(self, net) -> None:
         """Replace each head by a critic; critics live on the nodes (node.head), their
@@ -125,7 +123,10 @@ class Critic(Rule):
         ``step`` trains critics; returns the loss before the update (0-dim) or None."""
         if step % self.critic_every:
             return None
-        return _train_critic(net.nodes[k].head, net.rule_state.optimizers[k], h, y, target)
+        node = net.nodes[k]
+        gap = _train_critic(node.head, net.rule_state.optimizers[k], h, y, target)
+        node.check_update(node.head.parameters(), step)
+        return gap
 
     def node_step(self, net, k: int, u: torch.Tensor, y: torch.Tensor, step: int) -> tuple[torch.Tensor, torch.Tensor]:
         """Update node k on input u [B, ...] (detached) from its critic's loss; returns

@@ -37,11 +37,12 @@ from __future__ import annotations
 
 import concurrent.futures
 import contextlib
+import functools
 
 import torch
 from torch import nn
 
-from ..errors import check_finite
+from ..errors import check_bool, check_choice, check_finite, check_float, check_int
 from ..topology import Topology, gather, goal_loss
 from .base import Rule, StepResult
 
@@ -64,7 +65,7 @@ class LocProp(Rule):
             forward (a worker thread on CPU, a side CUDA stream on GPU).
         inverse_lr: step in (0, 2) of the inverse maps' normalised least-squares update
             ("inverse" only).
-        seed: seed of the fixed random feedback maps.
+        seed: seed of the fixed random feedback maps, an int >= 0.
     """
 
     name = "locprop"
@@ -72,18 +73,13 @@ class LocProp(Rule):
 
     def __init__(self, propagation: str = "transpose", eta: float | None = None, mode: str = "sync",
                  concurrent: bool = False, inverse_lr: float = 0.5, seed: int = 0) -> None:
-        if propagation not in PROPAGATIONS:
-            raise ValueError(f"LocProp: propagation must be one of {', '.join(PROPAGATIONS)}, got {propagation!r}")
-        if mode not in MODES:
-            raise ValueError(f"LocProp: mode must be one of {', '.join(MODES)}, got {mode!r}")
-        if eta is None:
-            eta = 1.0 if mode == "sync" else 0.1
-        if not eta > 0:
-            raise ValueError(f"LocProp: eta must be > 0, got {eta}")
-        if not 0 < inverse_lr < 2:
-            raise ValueError(f"LocProp: inverse_lr must lie in (0, 2), got {inverse_lr}")
-        self.propagation, self.eta, self.mode = propagation, eta, mode
-        self.concurrent, self.inverse_lr, self.seed = concurrent, inverse_lr, seed
+        self.propagation = check_choice("LocProp", "propagation", propagation, PROPAGATIONS)
+        self.mode = check_choice("LocProp", "mode", mode, MODES)
+        self.eta = (1.0 if mode == "sync" else 0.1) if eta is None else \
+            check_float("LocProp", "eta", eta, 0, open_low=True)
+        self.concurrent = check_bool("LocProp", "concurrent", concurrent)
+        self.inverse_lr = check_float("LocProp", "inverse_lr", inverse_lr, 0, 2, open_low=True, open_high=True)
+        self.seed = check_int("LocProp", "seed", seed, 0)
 
     def __repr__(self) -> str:
         return f"LocProp(propagation={self.propagation!r}, eta={self.eta}, mode={self.mode!r})"
@@ -231,8 +227,8 @@ class LocProp(Rule):
                 for j, part in zip(topo.inputs[node.name], self._split(topo, node, message, widths)):
                     if part is not None:
                         incoming[j] = incoming[j].add_(part) if j in incoming else part.clone()
-            self._learn_inverse(net, node, u, h)
-            node.apply_error(u, err)
+            self._learn_inverse(net, node, u, h, step)
+            node.apply_error(u, err, step)
         return StepResult(step, {name: float(v) for name, v in reversed(losses.items())})
 
     def _decoupled_step(self, net, topo: Topology, feeds, targets, step) -> StepResult:
@@ -265,8 +261,8 @@ class LocProp(Rule):
         if g is None:
             raise ValueError(f"node {node.name}: no goal is downstream of it, so it has no error")
         self._check(net, node, loss, step)
-        self._learn_inverse(net, node, u, h)
-        run(node.apply_error, u, node.error(g, h, aux))
+        self._learn_inverse(net, node, u, h, step)
+        run(functools.partial(node.apply_error, step=step), u, node.error(g, h, aux))
         return h, loss
 
     @torch.no_grad()
@@ -320,7 +316,7 @@ class LocProp(Rule):
                 goal_code = part if goal_code is None else goal_code.add_(part)
         return None if goal_code is None else (h - goal_code).mul_(self.eta / len(h))
 
-    def _learn_inverse(self, net, node, u: torch.Tensor, h: torch.Tensor) -> None:
+    def _learn_inverse(self, net, node, u: torch.Tensor, h: torch.Tensor, step: int) -> None:
         """One normalised least-mean-squares step of Q_k on ½ ‖h_k Q_k − u_k‖² (inverse
         propagation only): Q −= lr hᵀ(h Q − u) / ‖h‖², stable for any lr in (0, 2)
         whatever the size of the activations, which plain SGD on Q was not."""
@@ -328,6 +324,7 @@ class LocProp(Rule):
             return
         q = net.rule_state.maps[node.name]
         q.sub_(h.t() @ (h @ q - u), alpha=self.inverse_lr / (h.square().sum().item() + 1e-12))
+        node.check_update([q], step, owner=net.rule_state)
 
     @staticmethod
     def _check(net, node, loss: torch.Tensor, step: int) -> None:

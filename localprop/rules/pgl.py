@@ -5,6 +5,7 @@ the final loss only) is the library's own reading of its abstract.
 """
 from __future__ import annotations
 
+from ..errors import check_bool, check_choice, check_int, received
 from .base import Rule, StepResult
 from .bp import BP
 
@@ -20,7 +21,8 @@ class PGL(Rule):
     feedback networks are simply not trained on a global step.
 
     Args:
-        local: the local rule, a name ("greedy", "sgr", "critic", "bll") or a Rule (default "greedy").
+        local: the local rule, a name ("greedy", "sgr", "critic", "bll", "locprop") or a Rule
+            (default "greedy").
         period: steps per global step, an int >= 1 (default 4; period 1 is plain bp).
         checkpoint: activation checkpointing in the global step (default True), so that its
             peak memory stays near the local steps' (see BP's ``segment``).
@@ -32,15 +34,11 @@ class PGL(Rule):
     name = "pgl"
 
     def __init__(self, local="greedy", period: int = 4, checkpoint: bool = True, segment: int | None = None) -> None:
-        from . import resolve  # the registry imports this module
-
-        if not isinstance(period, int) or period < 1:
-            raise ValueError(f"PGL: period must be an int >= 1 (steps per global step), got {period!r}")
-        self.local = resolve(local)
-        if isinstance(self.local, (BP, PGL)):
-            raise ValueError(f"PGL: local must be a local rule (greedy, sgr, critic, bll, ...), "
-                             f"got {self.local.name!r}")
-        self.period = period
+        self.local = _local_rule(local)
+        self.period = check_int("PGL", "period", period, 1)
+        # checked here too, so that the error names PGL rather than its inner BP
+        checkpoint = check_bool("PGL", "checkpoint", checkpoint)
+        segment = None if segment is None else check_int("PGL", "segment", segment, 1)
         self.global_rule = BP(checkpoint=checkpoint, segment=segment)
         self.uses_heads = self.local.uses_heads
 
@@ -61,3 +59,18 @@ class PGL(Rule):
 
     def __repr__(self) -> str:
         return f"PGL(local={self.local!r}, period={self.period}, global_rule={self.global_rule!r})"
+
+
+def _local_rule(local) -> Rule:
+    """PGL's local rule from a name or a Rule: anything but bp and pgl itself."""
+    from . import REGISTRY, resolve  # the registry imports this module
+
+    names = [name for name in REGISTRY if name not in ("bp", "bp+checkpoint", "pgl")]
+    if isinstance(local, str):
+        return resolve(check_choice("PGL", "local", local, names))
+    if not isinstance(local, Rule):
+        raise TypeError(f"PGL: local must be a rule name ({', '.join(names)}) or a Rule, "
+                        f"got {received(local)}")
+    if isinstance(local, (BP, PGL)):
+        raise ValueError(f"PGL: local must be a local rule ({', '.join(names)}), got rule {local.name!r}")
+    return local

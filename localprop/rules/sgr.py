@@ -9,7 +9,7 @@ import torch
 import torch.nn.functional as F
 
 from .. import ops
-from ..errors import check_finite
+from ..errors import check_choice, check_finite, check_float
 from .base import Rule, StepResult
 
 DISTANCES = ("l2", "cosine")
@@ -59,15 +59,10 @@ class SGR(Rule):
     uses_heads = True
 
     def __init__(self, lam: float = 1.0, distance: str = "l2", mode: str = "auto", eps: float = 1e-2) -> None:
-        if not lam >= 0:
-            raise ValueError(f"SGR: lam must be >= 0, got {lam!r}")
-        if distance not in DISTANCES:
-            raise ValueError(f"SGR: distance must be one of {', '.join(DISTANCES)}, got {distance!r}")
-        if mode not in MODES:
-            raise ValueError(f"SGR: mode must be one of {', '.join(MODES)}, got {mode!r}")
-        if not eps > 0:
-            raise ValueError(f"SGR: eps must be > 0, got {eps!r}")
-        self.lam, self.distance, self.mode, self.eps = lam, distance, mode, eps
+        self.lam = check_float("SGR", "lam", lam, 0)
+        self.distance = check_choice("SGR", "distance", distance, DISTANCES)
+        self.mode = check_choice("SGR", "mode", mode, MODES)
+        self.eps = check_float("SGR", "eps", eps, 0, open_low=True)
 
     def train_step(self, net, x, y, step):
         losses, discord = {}, {}
@@ -155,8 +150,7 @@ class SGR(Rule):
             for sign in (() if delta is None else (1.0, -1.0)):
                 shifted = F.cross_entropy(node.head_logits(node(u.detach() + sign * delta * v)), y)
                 (shifted * (sign / (2 * delta))).backward()
-        node.optimizer.step()
-        node.optimizer.zero_grad(set_to_none=True)
+        node.step_optimizer(step)
         return h.detach(), loss.detach(), g_out, discord
 
     def _fused_step(self, node, u, y, g_prev, step, last):
@@ -176,7 +170,7 @@ class SGR(Rule):
                 delta = self._step_size(node, u, v, step)
                 for sign in (() if delta is None else (1.0, -1.0)):
                     grads += _fused_pass(node, u + sign * delta * v, y, scale=sign / (2 * delta))[2]
-            ops.update(node.optimizer, grads, backend=node.backend)
+            node.update(grads, step)
         return h, out.loss, g_out, discord
 
     def __repr__(self) -> str:
