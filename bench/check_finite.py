@@ -10,12 +10,16 @@ falls on both alike); the overhead is (on - off) / off of the median step times:
   [256, 3, 16, 16] images.
 
 Step-time differences of ~1% are near the noise of a shared machine, so the direct cost
-of the checks is measured too: the checks one step makes (the input x and each node's
-scalar loss, see localprop.errors.check_finite), timed alone.
+of the checks is measured too, timed alone, as fractions of the step with the checks off:
 
-    python bench/check_finite.py [--rounds 30] [--per-round 5]
+- "checks": the input x and each node's scalar loss (localprop.errors.check_finite);
+- "params": each node's parameters after its update, as the step checks them, one call
+  per node over the parameters its optimizer steps (localprop.errors.check_parameters).
 
-prints the table and appends rows to bench/results/check_finite.csv.
+    OMP_NUM_THREADS=1 python bench/check_finite.py [--rounds 30] [--per-round 5]
+
+prints the table and appends rows to bench/results/check_finite_params.csv
+(check_finite.csv holds the rows measured before the parameter check, without its columns).
 """
 from __future__ import annotations
 
@@ -27,7 +31,7 @@ from torch import nn
 
 import localprop as lp
 from common import append_rows, stamp, timings_ms
-from localprop.errors import check_finite
+from localprop.errors import check_finite, check_parameters
 
 BATCH, CLASSES = 256, 10
 SGD = functools.partial(torch.optim.SGD, lr=0.01, momentum=0.9)
@@ -54,15 +58,22 @@ def batch(shape: tuple[int, ...]) -> tuple[torch.Tensor, torch.Tensor]:
     return torch.randn(BATCH, *shape, generator=gen), torch.randint(0, CLASSES, (BATCH,), generator=gen)
 
 
-def checks_ms(x: torch.Tensor, nodes: int, rounds: int = 15, repeats: int = 100) -> float:
-    """Median ms of the checks one step makes: x once, and one scalar loss per node."""
+def checks_ms(net: lp.LocalSequential, x: torch.Tensor, rounds: int = 15, repeats: int = 100) -> dict[str, float]:
+    """Median ms of the checks one greedy step of ``net`` (built) makes: "checks", x once
+    and one scalar loss per node; "params", each node's stepped parameters."""
     loss = torch.tensor(1.0)
+    stepped = [[p for group in node.optimizer.param_groups for p in group["params"]] for node in net.nodes]
 
     def checks():
         check_finite(x, "0", 0, "input x")
-        for _ in range(nodes):
+        for _ in net.nodes:
             check_finite(loss, "0", 0, "loss")
-    return timings_ms({"checks": checks}, rounds, repeats)["checks"][0]
+
+    def params():
+        for node, group in zip(net.nodes, stepped):
+            check_parameters(group, node, node.name, 0)
+    return {name: median for name, (median, _) in
+            timings_ms({"checks": checks, "params": params}, rounds, repeats).items()}
 
 
 def measure(name: str, make, shape: tuple[int, ...], nodes: int, rounds: int, per_round: int) -> dict:
@@ -70,11 +81,12 @@ def measure(name: str, make, shape: tuple[int, ...], nodes: int, rounds: int, pe
     nets = {check: make(check) for check in (True, False)}
     steps = {check: functools.partial(net.train_step, x, y) for check, net in nets.items()}
     ms = {check: median for check, (median, _) in timings_ms(steps, rounds, per_round).items()}
-    env, checks = stamp(), checks_ms(x, nodes)
+    env, alone = stamp(), checks_ms(nets[True], x)
     return {"date": env["date"], "model": name, "nodes": nodes, "batch": BATCH, "backend": "cpp",
             "on_ms": round(ms[True], 4), "off_ms": round(ms[False], 4),
             "overhead_pct": round(100 * (ms[True] - ms[False]) / ms[False], 2),
-            "checks_ms": round(checks, 5), "checks_pct": round(100 * checks / ms[False], 3),
+            "checks_ms": round(alone["checks"], 5), "checks_pct": round(100 * alone["checks"] / ms[False], 3),
+            "params_ms": round(alone["params"], 5), "params_pct": round(100 * alone["params"] / ms[False], 3),
             "device": env["device"], "threads": env["threads"], "torch": env["torch"], "git": env["git"]}
 
 
@@ -87,11 +99,12 @@ def main() -> None:
              for width in (256, 1024) for nodes in (4, 8)]
     cases.append(("cnn", cnn, (3, 16, 16), 3))
     rows = [measure(*case, args.rounds, args.per_round) for case in cases]
-    print(f"{'model':>8} {'nodes':>5} {'on ms':>9} {'off ms':>9} {'overhead':>9} {'checks alone':>13}")
+    print(f"{'model':>8} {'nodes':>5} {'on ms':>9} {'off ms':>9} {'overhead':>9} {'checks alone':>13} "
+          f"{'params alone':>13}")
     for r in rows:
         print(f"{r['model']:>8} {r['nodes']:>5} {r['on_ms']:>9.3f} {r['off_ms']:>9.3f} {r['overhead_pct']:>8.2f}% "
-              f"{r['checks_pct']:>12.3f}%")
-    print(f"appended to {append_rows('check_finite', rows)}")
+              f"{r['checks_pct']:>12.3f}% {r['params_pct']:>12.3f}%")
+    print(f"appended to {append_rows('check_finite_params', rows)}")
 
 
 if __name__ == "__main__":

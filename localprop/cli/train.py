@@ -379,7 +379,8 @@ def register(sub) -> None:
     p.add_argument("--seed", type=int)
     p.add_argument("--backend", help="backend of the fused ops (default: auto)")
     p.add_argument("--json", help="write test_accuracy, steps, wall_seconds, peak step and resident bytes per rank here")
-    p.add_argument("--checkpoint", help="checkpoint file (per rank: <stem>.rank<r><suffix>)")
+    p.add_argument("--checkpoint",
+                   help="checkpoint file (with --ranks: one file per rank and step, <stem>.rank<r>.step<N><suffix>)")
     p.add_argument("--checkpoint-every", type=int, help="save every N steps (and at the end)")
     p.add_argument("--resume", action="store_true", help="continue exactly from --checkpoint")
     p.add_argument("--max-steps", type=int, help="stop after this many steps in all (a later --resume goes on)")
