@@ -7,6 +7,7 @@ use per-node heads live here: progressive prediction, ensembles, sub-models.
 """
 from __future__ import annotations
 
+import contextlib
 import copy
 from dataclasses import dataclass
 
@@ -90,16 +91,12 @@ class LocalSequential(Network):
         eval mode, parameters untouched), then build heads and optimizers."""
         if self.built:
             return self
-        modes = [m.training for m in self.modules()]
-        self.eval()
-        with torch.no_grad():
+        with _eval_mode(self), torch.no_grad():
             h = example[:2]
             for node in self.nodes:
                 node.input_shape = tuple(h.shape[1:])
                 h = node(h)
                 node.output_shape = tuple(h.shape[1:])
-        for m, mode in zip(self.modules(), modes):
-            m.training = mode
         self._finish_build()
         return self
 
@@ -205,15 +202,20 @@ class LocalSequential(Network):
         """
         if exit_threshold is not None and ensemble:
             raise ValueError("predict: give exit_threshold or ensemble=True, not both")
-        if exit_threshold is not None and not 0 <= exit_threshold <= 1:
+        if exit_threshold is not None and (isinstance(exit_threshold, bool) or not isinstance(exit_threshold, (int, float))
+                                           or not 0 <= exit_threshold <= 1):
             raise ValueError(f"predict: exit_threshold must lie in [0, 1] (a softmax probability), "
                              f"got {exit_threshold!r}")
         self._validate_x(x)
         if not self.built:
             self.build(x)
         self._set_backend(x.device)
-        if ensemble:
-            return self._ensemble(x)
+        # eval mode for the duration: with batch statistics (BatchNorm) a sample's exit
+        # would depend on the other samples of the batch, and running statistics would move
+        with _eval_mode(self):
+            return self._ensemble(x) if ensemble else self._progressive(x, exit_threshold)
+
+    def _progressive(self, x: torch.Tensor, exit_threshold: float | None) -> Prediction:
         flops, last = self.flops(), len(self.nodes) - 1
         labels = torch.empty(x.shape[0], dtype=torch.int64, device=x.device)
         exit_node = torch.full_like(labels, last)
@@ -221,6 +223,8 @@ class LocalSequential(Network):
         pending = torch.arange(x.shape[0], device=x.device)
         h = x
         for k, node in enumerate(self.nodes):
+            if not len(pending):  # every sample has exited: no node runs on an empty batch
+                break
             h = node(h)
             spent[pending] += flops.nodes[k]
             if k == last:
@@ -260,11 +264,10 @@ class LocalSequential(Network):
 
         like = next(self.parameters())
         h = torch.zeros(2, *self.nodes[0].input_shape, dtype=like.dtype, device=like.device)
-        modes = [m.training for m in self.modules()]
-        self.eval()  # batch-statistics layers must not change (nor fail on two samples)
         nodes, head_flops = [], []
-        # grad mode on, so that fused nodes take their autograd forward, which the counter sees
-        with torch.enable_grad():
+        # eval: batch-statistics layers must not change (nor fail on two samples); grad mode
+        # on, so that fused nodes take their autograd forward, which the counter sees
+        with _eval_mode(self), torch.enable_grad():
             for node in self.nodes:
                 with FlopCounterMode(display=False) as counter:
                     h = node(h)
@@ -273,8 +276,6 @@ class LocalSequential(Network):
                     if node.head is not None:
                         node.head(h)
                 head_flops.append(counter.get_total_flops() // 2)
-        for m, mode in zip(self.modules(), modes):
-            m.training = mode
         return Flops(nodes, head_flops)
 
     def submodel(self, k: int) -> nn.Sequential:
@@ -295,6 +296,19 @@ class LocalSequential(Network):
 
     def extra_repr(self) -> str:
         return f"rule={self.rule!r}, num_classes={self.num_classes}, backend={self.backend_request!r}"
+
+
+@contextlib.contextmanager
+def _eval_mode(net: nn.Module):
+    """Every module in eval mode inside the block; each module's own mode restored after
+    (a user may have put some in eval on purpose)."""
+    modes = [(m, m.training) for m in net.modules()]
+    net.eval()
+    try:
+        yield
+    finally:
+        for m, mode in modes:
+            m.training = mode
 
 
 def _standalone(node: Node) -> Node:

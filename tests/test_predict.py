@@ -1,0 +1,73 @@
+"""Progressive inference is sound: eval mode for its duration, no node run on an empty
+remainder, a sample's answer independent of the rest of its batch."""
+import pytest
+import torch
+from torch import nn
+
+import localprop as lp
+
+
+def bn_net(backend="reference"):
+    torch.manual_seed(0)
+    blocks = [nn.Sequential(nn.Linear(8, 16), nn.BatchNorm1d(16), nn.ReLU()),
+              nn.Sequential(nn.Linear(16, 16), nn.BatchNorm1d(16), nn.ReLU()), nn.Linear(16, 3)]
+    net = lp.LocalSequential(*blocks, rule="greedy", num_classes=3, backend=backend)
+    x, y = torch.randn(32, 8), torch.randint(0, 3, (32,))
+    for _ in range(3):
+        net.train_step(x, y)
+    return net, x
+
+
+def calls(net):
+    """Counts of each node's forward calls, by hooks."""
+    count = [0] * len(net.nodes)
+    for k, node in enumerate(net.nodes):
+        node.register_forward_hook(lambda m, i, o, k=k: count.__setitem__(k, count[k] + 1))
+    return count
+
+
+@pytest.mark.parametrize("backend", ["reference", "cpp"])
+def test_no_node_runs_once_every_sample_has_exited(backend):
+    why = lp.ops.backends.why_unavailable(backend, torch.device("cpu"))
+    if why:
+        pytest.skip(why)
+    torch.manual_seed(0)
+    net = lp.LocalSequential(lp.LocalLinear(8, 16), lp.LocalLinear(16, 16), lp.LocalLinear(16, 3, activation=None),
+                             rule="greedy", num_classes=3, backend=backend)
+    x = torch.randn(10, 8)
+    net.train_step(x, torch.randint(0, 3, (10,)))
+    net.flops()  # counted once by a dry run through every node, before the hooks
+    count = calls(net)
+    pred = net.predict(x, exit_threshold=0.0)  # every head's max softmax exceeds 0
+    assert (pred.exit_node == 0).all()
+    assert count == [1, 0, 0]
+    head0 = net.flops().nodes[0] + net.flops().heads[0]
+    assert pred.flops_fraction == pytest.approx(head0 / net.flops().full)
+
+
+def test_predict_runs_in_eval_mode_and_restores_the_modes():
+    net, x = bn_net()
+    net.nodes[1].block[1].eval()  # a user's own choice of mode survives predict
+    stats = [b.running_mean.clone() for b in (net.nodes[0].block[1], net.nodes[1].block[1])]
+    together = net.predict(x, exit_threshold=0.6)
+    alone = [net.predict(x[i:i + 1], exit_threshold=0.6) for i in range(len(x))]
+    # with batch statistics a sample's exit and label would depend on its batch
+    assert torch.equal(together.labels, torch.cat([p.labels for p in alone]))
+    assert torch.equal(together.exit_node, torch.cat([p.exit_node for p in alone]))
+    assert all(torch.equal(s, b.running_mean) for s, b in zip(stats, (net.nodes[0].block[1], net.nodes[1].block[1])))
+    assert net.training and net.nodes[0].block[1].training and not net.nodes[1].block[1].training
+
+
+def test_ensemble_runs_in_eval_mode():
+    net, x = bn_net()
+    together = net.predict(x, ensemble=True)
+    assert torch.equal(together.labels, torch.cat([net.predict(x[i:i + 1], ensemble=True).labels
+                                                   for i in range(len(x))]))
+    assert net.training
+
+
+@pytest.mark.parametrize("threshold", [True, "0.5", 1.5, -0.1])
+def test_exit_threshold_must_be_a_probability(threshold):
+    net, x = bn_net()
+    with pytest.raises(ValueError, match="exit_threshold must lie in"):
+        net.predict(x, exit_threshold=threshold)
