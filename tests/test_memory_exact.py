@@ -1,0 +1,56 @@
+"""CPU memory is counted exactly at the allocator: the same step measured twice in one
+process gives the same peak, whatever was measured before, and the free of a block
+allocated before a measurement counts."""
+import gc
+
+import pytest
+import torch
+
+import localprop as lp
+from localprop import memory
+from tests.conftest import SGD
+
+pytestmark = pytest.mark.skipif(memory.cpu_counter() is None, reason="needs the C++ extension's counting allocator")
+
+
+def test_a_free_of_an_older_block_counts():
+    old = torch.empty(1 << 20)  # 4 MiB allocated before the measurement, e.g. last step's gradients
+    with memory.track_peak("cpu") as peak:
+        del old
+        new = torch.empty(1000)  # 4000 bytes: still below where the block began
+    assert peak.bytes == 0
+    older = torch.empty(1000)
+    with memory.track_peak("cpu") as peak:
+        del older
+        newer = torch.empty(3000)  # 12000 - 4000 above the start
+    assert peak.bytes == 8000
+    del new, newer
+
+
+def step_peak(rule):
+    torch.manual_seed(0)
+    net = lp.mlp([64, 256, 256, 256, 10], rule=rule, optimizer=SGD)
+    x, y = torch.randn(128, 64), torch.randint(0, 10, (128,))
+    gc.collect()
+    return memory.measure_step(net, x, y).peak_bytes
+
+
+def test_the_same_step_measured_twice_gives_the_same_peak_in_any_order():
+    first = {rule: step_peak(rule) for rule in ("bp", "greedy", "bp+checkpoint")}
+    again = {rule: step_peak(rule) for rule in ("bp+checkpoint", "greedy", "bp")}
+    assert first == again
+    assert first["greedy"] < first["bp"]
+
+
+def test_gradients_kept_between_steps_are_seen_freed():
+    """A loop that keeps its gradients (zero_grad(set_to_none=False) style) between steps:
+    a bp step frees nothing of them, while a loop that frees them inside the step
+    lowers the count by their bytes, which the counter sees."""
+    torch.manual_seed(0)
+    w = torch.randn(512, 512, requires_grad=True)
+    (w.sum()).backward()  # w.grad: 1 MiB allocated before the measurement
+    with memory.track_peak("cpu") as peak:
+        w.grad = None                   # -1 MiB
+        buf = torch.empty(512, 512)     # +1 MiB: back at the start, no higher
+    assert peak.bytes == 0
+    del buf
