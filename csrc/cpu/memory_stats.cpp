@@ -5,9 +5,11 @@
 // sees every block allocated after it was installed, whenever it is freed.
 #include <torch/library.h>
 #include <c10/core/CPUAllocator.h>
+#include <c10/core/alignment.h>
 
 #include <atomic>
 #include <cstdint>
+#include <cstring>
 #include <mutex>
 #include <vector>
 
@@ -16,17 +18,22 @@ namespace {
 std::atomic<int64_t> current_bytes{0};
 std::atomic<int64_t> peak_bytes{0};
 
-// What a counted block's deleter needs: the wrapped allocator's own DataPtr (freed by
-// its own deleter when this is deleted) and the size counted.
-struct Block {
-  c10::DataPtr inner;
-  int64_t size;
-};
+// A counted block carries its size in a header before the data, one alignment unit long
+// so that the data stays aligned as torch's allocator aligns it. The DataPtr it hands out
+// is "simple" (its context is the data pointer), as raw_allocate and raw_deleter require
+// (ATen's MKL-DNN convolutions allocate that way).
+constexpr size_t kHeader = c10::gAlignment;
+static_assert(kHeader >= sizeof(int64_t), "the header holds the block's size");
 
-void release(void* ctx) {
-  auto* block = static_cast<Block*>(ctx);
-  current_bytes.fetch_sub(block->size, std::memory_order_relaxed);
-  delete block;
+c10::Allocator* inner = nullptr;          // the CPU allocator wrapped
+c10::DeleterFnPtr inner_delete = nullptr;  // its raw deleter
+
+void release(void* data) {
+  char* raw = static_cast<char*>(data) - kHeader;
+  int64_t size = 0;
+  std::memcpy(&size, raw, sizeof size);
+  current_bytes.fetch_sub(size, std::memory_order_relaxed);
+  inner_delete(raw);
 }
 
 void raise_peak(int64_t now) {
@@ -37,24 +44,22 @@ void raise_peak(int64_t now) {
 
 class CountingAllocator final : public c10::Allocator {
  public:
-  explicit CountingAllocator(c10::Allocator* inner) : inner_(inner) {}
-
   c10::DataPtr allocate(size_t n) override {
-    c10::DataPtr data = inner_->allocate(n);
-    void* ptr = data.get();
-    c10::Device device = data.device();
+    char* raw = static_cast<char*>(inner->raw_allocate(n + kHeader));
     auto size = static_cast<int64_t>(n);
-    auto* block = new Block{std::move(data), size};
+    std::memcpy(raw, &size, sizeof size);
     raise_peak(current_bytes.fetch_add(size, std::memory_order_relaxed) + size);
-    return {ptr, block, &release, device};
+    void* data = raw + kHeader;
+    return {data, data, &release, c10::Device(c10::DeviceType::CPU)};
+  }
+
+  c10::DeleterFnPtr raw_deleter() const override {
+    return &release;
   }
 
   void copy_data(void* dest, const void* src, std::size_t count) const override {
     default_copy_data(dest, src, count);
   }
-
- private:
-  c10::Allocator* inner_;
 };
 
 std::once_flag installed;
@@ -63,7 +68,10 @@ std::once_flag installed;
 // CPU allocator is in place. Never removed: blocks it counted must come back through it.
 void install() {
   std::call_once(installed, [] {
-    static CountingAllocator counting(c10::GetCPUAllocator());
+    inner = c10::GetCPUAllocator();
+    inner_delete = inner->raw_deleter();
+    TORCH_CHECK(inner_delete != nullptr, "localprop: the CPU allocator in use has no raw deleter to wrap");
+    static CountingAllocator counting;
     c10::SetCPUAllocator(&counting, /*priority=*/1);
   });
 }
