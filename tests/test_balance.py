@@ -1,0 +1,63 @@
+"""localize(balance=...): nodes balanced by parameters or by each block's measured step
+memory, so that a high-resolution block does not set the step's peak alone."""
+import pytest
+import torch
+from torch import nn
+
+import localprop as lp
+from localprop import memory
+from localprop.localize import part_costs, units
+
+
+def vgg(widths=(8, 8, 16, 16, 32, 32)):
+    """Conv blocks; every second one halves the resolution, so early blocks hold the most
+    activations and late ones the most parameters."""
+    layers, c = [], 3
+    for i, w in enumerate(widths):
+        layers += [nn.Conv2d(c, w, 3, padding=1), nn.ReLU()] + ([nn.MaxPool2d(2)] if i % 2 else [])
+        c = w
+    return nn.Sequential(*layers, nn.Flatten(), nn.Linear(c * 4 * 4, 10))
+
+
+def node_sizes(net):
+    return [len(units(list(n.block))) if isinstance(n.block, nn.Sequential) else 1 for n in net.nodes]
+
+
+def test_params_balance_gives_late_blocks_their_own_nodes():
+    torch.manual_seed(0)
+    net = lp.localize(vgg(), num_classes=10, nodes=3, balance="params")
+    assert node_sizes(net) == [5, 1, 1]  # the last conv and the classifier hold most parameters
+
+
+@pytest.mark.skipif(memory.cpu_counter() is None, reason="needs the C++ extension's counting allocator")
+def test_memory_balance_lowers_the_greedy_peak():
+    x, y = torch.randn(32, 3, 32, 32), torch.randint(0, 10, (32,))
+    peaks, sizes = {}, {}
+    for balance in ("count", "memory"):
+        torch.manual_seed(0)
+        net = lp.localize(vgg(), num_classes=10, nodes=3, balance=balance, example_input=x)
+        sizes[balance] = node_sizes(net)
+        peaks[balance] = memory.measure_step(net, x, y).peak_bytes
+    assert sizes["count"] == [3, 2, 2]
+    assert sizes["memory"][0] < sizes["count"][0]  # the full-resolution blocks get nodes of their own
+    assert peaks["memory"] < peaks["count"]
+
+
+@pytest.mark.skipif(memory.cpu_counter() is None, reason="needs the C++ extension's counting allocator")
+def test_memory_costs_are_measured_without_changing_the_model():
+    torch.manual_seed(0)
+    model = vgg()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    x = torch.randn(4, 3, 32, 32)
+    costs = part_costs(units(list(model)), "memory", x)
+    again = part_costs(units(list(model)), "memory", x)
+    assert costs == again and costs[0] > costs[-1] > 0  # deterministic; early blocks hold more
+    assert all(torch.equal(v, model.state_dict()[k]) for k, v in before.items())
+    assert all(p.grad is None for p in model.parameters()) and model.training
+
+
+def test_balance_errors():
+    with pytest.raises(ValueError, match="balance must be one of count, params, memory, time"):
+        lp.localize(vgg(), num_classes=10, nodes=2, balance="flops")
+    with pytest.raises(ValueError, match="give example_input"):
+        lp.localize(vgg(), num_classes=10, nodes=2, balance="memory")
