@@ -143,27 +143,27 @@ class Stage:
 
 class _LocalRuleStage(Stage):
     def step(self, net, k, u, y, message, step):
-        h, loss, out = self.rule.node_step(net, k, u, y, message, step)
-        if out is not None:
+        r = self.rule.node_step(net, k, u, y, message, step)
+        if r.forward is not None or r.backward is not None:
             raise NotDecoupled(f"rule {self.rule.name!r}: node_step returned a message, which distributed "
                                f"training does not know how to send; only activations cross ranks for it")
-        return h, loss, None, None
+        return r.h, r.loss, None, None
 
 
 class _SGRStage(Stage):
     forward = True
 
     def step(self, net, k, u, y, message, step):
-        h, loss, out, _ = self.rule.node_step(net, k, u, y, message, step)
-        return h, loss, out, None
+        r = self.rule.node_step(net, k, u, y, message, step)
+        return r.h, r.loss, r.forward, None
 
 
 class _CriticStage(Stage):
     backward = True
 
     def step(self, net, k, u, y, message, step):
-        h, per_sample = self.rule.node_step(net, k, u, y, step)
-        return h, per_sample.mean(), None, per_sample if k > 0 else None
+        r = self.rule.node_step(net, k, u, y, message, step)
+        return r.h, r.loss, None, r.backward
 
     def absorb(self, net, k, h, y, back, step):
         self.rule.train_critic(net, k, h, y, back, step)
@@ -218,8 +218,8 @@ class _BLLStage(Stage):
         return list(net.rule_state.feedback[k].parameters()) if k < len(net.nodes) - 1 else []
 
     def step(self, net, k, u, y, message, step):
-        h, loss, _ = self.rule.node_step(net, k, u, y, self.inputs.get(k), step)
-        return h, loss, None, None
+        r = self.rule.node_step(net, k, u, y, self.inputs.get(k), step)
+        return r.h, r.loss, None, None
 
 
 class _PGLStage(Stage):
@@ -351,9 +351,10 @@ def step_memory(net, counts: list[int], rank: int, x: torch.Tensor | None, y: to
     the other ranks' part of the input and messages is zeros of their shapes. x [B, ...]
     (rank 0 only), y int64 [B]; ``net`` is left as it was.
 
-    Call it before the process group exists: on CPU the allocator is read through torch's
-    profiler, and a profiler started while a gloo group is alive keeps references to the
-    group, so destroy_process_group() no longer frees it and its threads outlive the rank."""
+    Call it before the process group exists: without the C++ extension, CPU memory is read
+    through torch's profiler (see localprop.memory), and a profiler started while a gloo
+    group is alive keeps references to the group, so destroy_process_group() no longer
+    frees it and its threads outlive the rank."""
     trial, stage, device = copy.deepcopy(net), stage_for(net.rule), next(net.parameters()).device
     first = sum(counts[:rank])
     nodes, has_next, y = range(first, first + counts[rank]), rank < len(counts) - 1, y.to(device)

@@ -11,8 +11,10 @@ and its own optimizer over θ_k and φ_k. Two kinds:
 """
 from __future__ import annotations
 
+import contextlib
 import math
-from typing import Iterable, Sequence
+from dataclasses import dataclass
+from typing import Callable, Iterable, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -23,10 +25,47 @@ from .errors import check_finite, check_parameters
 from .ops import activation as act
 
 
+#: a local loss computed from the node's output: ``loss(h, head) -> loss [] or per-sample [B]``,
+#: where ``head(h)`` gives the logits of the node's head (``h`` itself without one)
+LossFn = Callable[[torch.Tensor, Callable[[torch.Tensor], torch.Tensor]], torch.Tensor]
+
+
+@dataclass(slots=True)
+class LocalStep:
+    """What one local step of a node returns (every tensor detached)."""
+    h: torch.Tensor                               #: the node's output [B, ...]
+    loss: torch.Tensor | None                     #: [] the local loss (None when learning from a given grad)
+    input_grad: torch.Tensor | None = None        #: ∂loss/∂u [B, ...], on request
+    output_grad: torch.Tensor | None = None       #: ∂loss/∂h [B, ...], on request
+    per_sample: torch.Tensor | None = None        #: [B] per-sample losses (loss is their mean), on request
+
+
+@dataclass(frozen=True, slots=True)
+class InputGradPenalty:
+    """A penalty R(g) on g = ∂L/∂u, the input gradient of the node's head cross-entropy L,
+    added to the node's objective L + R (SGR's reconciliation).
+
+    - ``penalty(g) -> R []``, differentiable in g: the "exact" method, a double backward
+      (``create_graph=True``) through the node and its head, on the node's autograd path;
+    - ``direction(g) -> v = ∂R/∂g`` (detached, shaped like u): the "finite_difference"
+      method, ∇_θ R = ∇_θ ⟨∂L/∂u, v⟩ ≈ [∇_θ L(u + δv) − ∇_θ L(u − δv)] / (2δ) with
+      δ = eps · ‖u‖ / ‖v‖ (norms over the batch: a relative step), two extra passes
+      (BP-free on fused nodes: fused passes stacked into one fused update);
+    - method "auto": finite differences on fused nodes, exact on autograd ones.
+    """
+    penalty: Callable[[torch.Tensor], torch.Tensor]
+    direction: Callable[[torch.Tensor], torch.Tensor]
+    method: str = "auto"   #: "exact", "finite_difference" or "auto"
+    eps: float = 1e-2
+
+
 class Node(nn.Module):
     """Base of every node. The engine sets ``name``, ``head``, ``optimizer`` and
-    ``backend`` when it builds the network; rules then call :meth:`forward`,
-    :meth:`learn` and, on fused nodes, the fused steps."""
+    ``backend`` when it builds the network; rules then call :meth:`local_step` (and
+    :meth:`forward`).
+
+    One protocol on both kinds: :meth:`local_step` takes one local step from the node's
+    local objective, through autograd here (any node) or the fused ops (LocalLinear)."""
 
     fused = False  #: True when the node can learn without autograd (fused ops)
 
@@ -44,14 +83,95 @@ class Node(nn.Module):
         """Logits of this node's head, or ``h`` itself for a node without head (the last)."""
         return h if self.head is None else self.head(h)
 
-    def learn(self, loss: torch.Tensor, step: int) -> None:
+    def local_step(self, u: torch.Tensor, step: int, *, labels: torch.Tensor | None = None,
+                   loss: LossFn | None = None, grad: torch.Tensor | None = None, train_head: bool = True,
+                   input_grad: bool = False, output_grad: bool = False, per_sample: bool = False,
+                   penalty: InputGradPenalty | None = None, autograd: bool = False) -> LocalStep:
+        """One local step of the node on input u [B, ...] (a detached leaf) from exactly one
+        objective, then the update by the node's optimizer:
+
+        - ``labels`` y [B]: the cross-entropy of the node's head (of h itself without a head);
+        - ``loss``: a loss the rule computes from the node's output, ``loss(h, head)``
+          (a scalar, or per-sample losses [B] whose mean is learnt);
+        - ``grad``: g = ∂L/∂h [B, ...] given from outside (overwritten on fused nodes).
+
+        ``train_head``: the head's gradient trains it with the node's optimizer (False: the
+        head passes the gradient on, untrained, e.g. a critic with its own optimizer).
+        ``input_grad``, ``output_grad``, ``per_sample``: also return ∂L/∂u, ∂L/∂h, the
+        per-sample losses. ``penalty``: an :class:`InputGradPenalty` added to the labels'
+        cross-entropy. ``autograd``: learn through autograd even on a fused node.
+
+        Checked as :meth:`learn` is: FloatingPointError before any change if the loss (or
+        the given grad) is not finite, after the update if it made a parameter non-finite.
+        This base implementation learns through autograd (any node)."""
+        _check_objective(labels, loss, grad, penalty)
+        if input_grad or penalty is not None:
+            u.requires_grad_()
+        h = self(u)
+        if grad is not None:
+            if self.check_finite:
+                check_finite(grad, self.name, step, "output gradient")
+            h.backward(grad)
+            self.step_optimizer(step)
+            return LocalStep(h.detach(), None, u.grad if input_grad else None, grad if output_grad else None)
+        value, samples = self._loss(h, labels, loss, train_head, per_sample)
+        samples = None if samples is None else samples.detach()
+        if penalty is not None and penalty.method != "finite_difference":  # exact: double backward
+            wrt = ([h] if output_grad else []) + [u]
+            grads = list(torch.autograd.grad(value, wrt, retain_graph=True, create_graph=True))
+            g_h = grads.pop(0).detach() if output_grad else None
+            g_u = grads.pop(0)
+            self.learn(value + penalty.penalty(g_u), step)
+            return LocalStep(h.detach(), value.detach(), g_u.detach(), g_h, samples)
+        if output_grad:
+            h.retain_grad()
+        self.learn(value, step, optimizer_step=penalty is None)
+        if penalty is not None:  # finite differences: the shifted passes' backward into the same .grad
+            v = penalty.direction(u.grad)
+            delta = self._step_size(u, v, penalty.eps, step)
+            for sign in (() if delta is None else (1.0, -1.0)):
+                shifted, _ = self._loss(self(u.detach() + sign * delta * v), labels, None, True, False)
+                (shifted * (sign / (2 * delta))).backward()
+            self.step_optimizer(step)
+        return LocalStep(h.detach(), value.detach(), u.grad if input_grad else None,
+                         h.grad if output_grad else None, samples)
+
+    def _loss(self, h: torch.Tensor, labels: torch.Tensor | None, loss: LossFn | None, train_head: bool,
+              per_sample: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """(the loss to learn [], the per-sample losses [B] or None) of the output h."""
+        head = self.head_logits if train_head else self._frozen_head_logits
+        if labels is not None:
+            if per_sample:
+                samples = F.cross_entropy(head(h), labels, reduction="none")
+                return samples.mean(), samples
+            return F.cross_entropy(head(h), labels), None
+        value = loss(h, head)
+        return (value.mean(), value) if value.dim() else (value, None)
+
+    def _frozen_head_logits(self, h: torch.Tensor) -> torch.Tensor:
+        """The head's logits, its parameters passing the gradient on but not trained by it."""
+        with _frozen(self.head):
+            return self.head_logits(h)
+
+    def _step_size(self, u: torch.Tensor, v: torch.Tensor, eps: float, step: int) -> float | None:
+        """The finite-difference step δ = eps · ‖u‖/‖v‖ (eps/‖v‖ when u = 0), or None when v = 0
+        (nothing to add). Norms in float64: a float32 norm of a large v can overflow."""
+        if self.check_finite:
+            check_finite(v, self.name, step, "penalty direction (input gradient)")
+        norm_u, norm_v = float(u.detach().double().norm()), float(v.double().norm())
+        return None if norm_v == 0 else eps * (norm_u or 1.0) / norm_v
+
+    def learn(self, loss: torch.Tensor, step: int, optimizer_step: bool = True) -> None:
         """Backward of a local loss restricted to this node, one optimizer step, and
-        gradients freed at once. Raises FloatingPointError before any change if the
-        loss is not finite, and after the step if it made a parameter non-finite."""
+        gradients freed at once (``optimizer_step=False``: the backward only, more passes
+        may add to the gradients before :meth:`step_optimizer`). Raises FloatingPointError
+        before any change if the loss is not finite, and after the step if it made a
+        parameter non-finite."""
         if self.check_finite:
             check_finite(loss, self.name, step, "loss")
         loss.backward()
-        self.step_optimizer(step)
+        if optimizer_step:
+            self.step_optimizer(step)
 
     def step_optimizer(self, step: int) -> None:
         """One step of the node's optimizer on the gradients in ``.grad``, which are then
@@ -141,40 +261,83 @@ class LocalLinear(Node):
             raise TypeError(f"node {self.name}: fused nodes need an nn.Linear head, got {type(self.head).__name__}")
         return self.head.weight, self.head.bias
 
-    def fused_ce_step(self, u: torch.Tensor, y: torch.Tensor, step: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """One BP-free greedy step: transform, head cross-entropy and error, then the
-        update of W, b and of the head (A, c), with no autograd graph.
-
-        u: [B, K]; y: int64 [B]. Returns (h [B, N], loss []). Raises FloatingPointError
-        before any parameter changes if the loss is not finite, and after the update if it
-        made a parameter non-finite.
-        """
+    def local_step(self, u: torch.Tensor, step: int, *, labels: torch.Tensor | None = None,
+                   loss: LossFn | None = None, grad: torch.Tensor | None = None, train_head: bool = True,
+                   input_grad: bool = False, output_grad: bool = False, per_sample: bool = False,
+                   penalty: InputGradPenalty | None = None, autograd: bool = False) -> LocalStep:
+        """:meth:`Node.local_step`, BP-free: the fused transform, head-and-error and update
+        ops, no autograd graph through the node (u: [B, K]). A ``loss`` runs with autograd
+        on the detached output only, the node then learns from its g = ∂L/∂h, and a linear
+        head it reached through ``head`` is stepped by the fused update too. With
+        ``autograd`` (or an "exact" penalty) the step takes the node's autograd path."""
+        if autograd or (penalty is not None and penalty.method == "exact"):
+            return super().local_step(u, step, labels=labels, loss=loss, grad=grad, train_head=train_head,
+                                      input_grad=input_grad, output_grad=output_grad, per_sample=per_sample,
+                                      penalty=penalty)
+        _check_objective(labels, loss, grad, penalty)
+        if labels is not None:
+            return self._ce_step(u, labels, step, input_grad, output_grad, per_sample, penalty)
         with torch.no_grad():
             h, aux = self.transform(u)
-            a, c = self.head_params()
-            out = ops.head_error(h, aux, a, c, y, self.activation, backend=self.backend)
+        value = samples = None
+        if grad is None:
+            hd, logits = h.detach().requires_grad_(), []
+            a, c = self.head_params() if train_head else (None, None)
+            if not train_head:
+                head = self.head_logits
+            elif a is None:
+                head = _identity
+            else:
+                def head(x: torch.Tensor) -> torch.Tensor:  # the linear head, its gradient kept for the update
+                    logits.append(F.linear(x, a.detach(), None if c is None else c.detach()))
+                    return logits[-1]
+            value = loss(hd, head)
+            if value.dim():
+                value, samples = value.mean(), value.detach()
+            grads = torch.autograd.grad(value, [hd, *logits])
+            grad, value = grads[0], value.detach()
+        if self.check_finite:
+            check_finite(grad, self.name, step, "output gradient")
+        g_h = grad.clone() if output_grad else None  # error() overwrites grad
+        err = self.error(grad, h, aux)
+        g_u = _matmul(err, self.weight) if input_grad else None
+        self.apply_error(u, err, step)
+        if value is not None and logits:  # the head, by the node's optimizer: dA = dlogitsᵀ h
+            self.update([ops.LinearGrad(a, c, d, h) for d in grads[1:]], step)
+        return LocalStep(h, value, g_u, g_h, samples)
+
+    def _ce_step(self, u, y, step, input_grad, output_grad, per_sample, penalty) -> LocalStep:
+        """The labels' step: transform, head cross-entropy and error, then one fused update
+        of W, b and of the head (A, c), plus an input-gradient penalty's shifted passes."""
+        with torch.no_grad():
+            out, h, grads = self._ce_pass(u, y, message=input_grad or penalty is not None)
             if self.check_finite:
                 check_finite(out.loss, self.name, step, "loss")
-            grads = [ops.LinearGrad(self.weight, self.bias, out.err, u)]
-            if a is not None:
-                grads.append(ops.LinearGrad(a, c, out.dlogits, h))
+            g_h = None
+            if output_grad:
+                a, _ = self.head_params()
+                g_h = out.dlogits if a is None else out.dlogits @ a
+            if penalty is not None:  # finite differences, BP-free: the shifted passes join the update
+                v = penalty.direction(out.message)
+                delta = self._step_size(u, v, penalty.eps, step)
+                for sign in (() if delta is None else (1.0, -1.0)):
+                    grads += self._ce_pass(u + sign * delta * v, y, scale=sign / (2 * delta))[2]
+            samples = F.cross_entropy(self.head_logits(h), y, reduction="none") if per_sample else None
             self.update(grads, step)
-        return h, out.loss
+        return LocalStep(h, out.loss, out.message if input_grad else None, g_h, samples)
 
-    def learn_from_output_grad(self, u: torch.Tensor, h: torch.Tensor, aux: torch.Tensor,
-                               g: torch.Tensor, step: int) -> None:
-        """BP-free update of W, b from a goal error g = ∂L/∂h given by the rule (e.g. from
-        an autograd head or critic run on a detached h): ε = g ⊙ σ'(z), then the fused
-        update with dW = εᵀ u. Anything else the rule trains (heads, critics) it steps
-        itself.
-
-        u: [B, K] the node's input; h, aux: from :meth:`transform`; g: [B, N], overwritten.
-        Raises FloatingPointError before any change if g is not finite, and after the
-        update if it made W or b non-finite.
-        """
-        if self.check_finite:
-            check_finite(g, self.name, step, "output gradient")
-        self.apply_error(u, self.error(g, h, aux), step)
+    def _ce_pass(self, u: torch.Tensor, y: torch.Tensor, message: bool = False, scale: float = 1.0):
+        """One fused pass at input u: (HeadError, h, the LinearGrads of ``scale`` · L for the
+        node and its head); with ``message``, HeadError.message is ∂L/∂u."""
+        h, aux = self.transform(u)
+        a, c = self.head_params()
+        out = ops.head_error(h, aux, a, c, y, self.activation, self.weight if message else None,
+                             backend=self.backend)
+        err, dlogits = (out.err, out.dlogits) if scale == 1.0 else (out.err * scale, out.dlogits * scale)
+        grads = [ops.LinearGrad(self.weight, self.bias, err, u)]
+        if a is not None:
+            grads.append(ops.LinearGrad(a, c, dlogits, h))
+        return out, h, grads
 
     def error(self, g: torch.Tensor, h: torch.Tensor, aux: torch.Tensor) -> torch.Tensor:
         """The nonlinear error ε = g ⊙ σ'(z) [B, N] from the goal error g [B, N] (overwritten)
@@ -207,6 +370,35 @@ class LocalLinear(Node):
     def extra_repr(self) -> str:
         return (f"name={self.name!r}, in_features={self.in_features}, out_features={self.out_features}, "
                 f"activation={self.activation!r}, bias={self.bias is not None}")
+
+
+def _check_objective(labels, loss, grad, penalty) -> None:
+    if (labels is not None) + (loss is not None) + (grad is not None) != 1:
+        raise TypeError("local_step takes exactly one objective: labels=, loss= or grad=")
+    if penalty is not None and labels is None:
+        raise TypeError("local_step: an input-gradient penalty is added to the labels' cross-entropy only")
+
+
+def _identity(h: torch.Tensor) -> torch.Tensor:
+    return h
+
+
+def _matmul(err: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    with torch.no_grad():
+        return err @ weight
+
+
+@contextlib.contextmanager
+def _frozen(module: nn.Module | None):
+    """Parameters of ``module`` do not require grad inside the block (restored after)."""
+    params = [] if module is None else [p for p in module.parameters() if p.requires_grad]
+    for p in params:
+        p.requires_grad_(False)
+    try:
+        yield
+    finally:
+        for p in params:
+            p.requires_grad_(True)
 
 
 def check_distinct(nodes: Sequence[tuple[str, nn.Module]]) -> None:

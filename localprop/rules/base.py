@@ -1,7 +1,8 @@
 """The rule interface. A rule decides (a) each node's local objective, (b) the messages
 that cross node boundaries and (c) the schedule; the engine only holds the nodes and
 calls :meth:`Rule.train_step`. New rules subclass :class:`Rule` (a schedule of their own)
-or :class:`LocalRule` (the node-by-node loop, with the objective in :meth:`LocalRule.node_step`).
+or :class:`LocalRule` (the node-by-node loop, with the objective in :meth:`LocalRule.node_step`,
+which takes each node's step through the one node protocol, :meth:`Node.local_step`).
 """
 from __future__ import annotations
 
@@ -62,27 +63,65 @@ class Rule(abc.ABC):
         return f"{type(self).__name__}()"
 
 
+@dataclass(slots=True)
+class NodeStep:
+    """What :meth:`LocalRule.node_step` returns for node k."""
+    h: torch.Tensor               #: node k's output, detached (node k+1's input)
+    loss: torch.Tensor            #: [] node k's local loss
+    forward: Any = None           #: the message travelling forward with h, to node k+1 (SGR's gradient)
+    backward: Any = None          #: the message travelling backward, to node k-1 (critic's per-sample losses)
+    figures: dict[str, torch.Tensor] | None = None  #: figure name -> this node's value (StepResult.extra)
+
+
 class LocalRule(Rule):
     """A rule whose step is the node-by-node loop of local learning:
 
-        for each node k:  u = sg(h_{k-1});  h_k, loss_k, message = node_step(k, u, y, message)
+        messages = before_step(net, step)
+        for each node k:  u = sg(h_{k-1})
+            r = node_step(net, k, u, y, message_k, step)   # a NodeStep: h_k, loss_k, messages
+            if r.backward is not None: absorb(net, k-1, u, y, r.backward, step)
 
-    Every node updates inside node_step, before the next node runs, so that only one
-    node's graph and gradients are alive at a time.
+    ``message_k`` is node k-1's forward message, or ``messages[k]`` when before_step gave
+    node k one. Every node updates inside node_step (through its :meth:`Node.local_step`),
+    before the next node runs, so that only one node's graph and gradients are alive at
+    a time; a backward message is absorbed by node k-1 at once, in the same step.
     """
 
     uses_heads = True
+    #: the names of the per-node figures node_step (and absorb) report, as StepResult.extra[name]
+    figures: ClassVar[tuple[str, ...]] = ()
 
     @abc.abstractmethod
     def node_step(self, net: LocalSequential, k: int, u: torch.Tensor, y: torch.Tensor,
-                  message: Any, step: int) -> tuple[torch.Tensor, torch.Tensor, Any]:
-        """Train node k on input u (detached); return (h_k detached, its loss, the
-        message for node k+1)."""
+                  message: Any, step: int) -> NodeStep:
+        """Train node k on input u (detached) with the message it receives (see the class)."""
+
+    def before_step(self, net: LocalSequential, step: int) -> dict[int, Any]:
+        """Messages computed before the loop, by node (BLL's prototypes); default none."""
+        return {}
+
+    def absorb(self, net: LocalSequential, k: int, h: torch.Tensor, y: torch.Tensor, back: Any,
+               step: int) -> dict[str, torch.Tensor] | None:
+        """Node k learns from node k+1's backward message ``back`` of ``step`` (h: node k's
+        output then); returns node k's figures, or None."""
+        raise NotImplementedError(f"rule {self.name!r} sends no backward message")
 
     def train_step(self, net, x, y, step):
-        losses = {}
+        losses: dict[str, torch.Tensor] = {}
+        figures: dict[str, dict[str, torch.Tensor]] = {name: {} for name in self.figures}
+        given = self.before_step(net, step)
         h, message = x, None
         for k, node in enumerate(net.nodes):
-            h, losses[node.name], message = self.node_step(net, k, h.detach(), y, message, step)
-        # one host sync for all the losses, after the step
-        return StepResult(step, {name: float(v) for name, v in losses.items()})
+            u = h.detach()
+            r = self.node_step(net, k, u, y, given.get(k, message), step)
+            h, message, losses[node.name] = r.h, r.forward, r.loss
+            if r.figures:
+                for name, value in r.figures.items():
+                    figures[name][node.name] = value
+            if r.backward is not None:
+                back = self.absorb(net, k - 1, u, y, r.backward, step)
+                for name, value in (back or {}).items():
+                    figures[name][net.nodes[k - 1].name] = value
+        # one host sync for all the losses and figures, after the step
+        return StepResult(step, {name: float(v) for name, v in losses.items()},
+                          {f: {name: float(v) for name, v in values.items()} for f, values in figures.items()})

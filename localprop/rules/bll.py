@@ -12,9 +12,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .. import ops
 from ..errors import check_callable, check_float
-from .base import Rule, StepResult
+from .base import LocalRule, NodeStep
 
 OptimizerFactory = Callable[[Iterable[nn.Parameter]], torch.optim.Optimizer]
 
@@ -22,7 +21,7 @@ OptimizerFactory = Callable[[Iterable[nn.Parameter]], torch.optim.Optimizer]
 DEFAULT_FEEDBACK_OPTIMIZER: OptimizerFactory = functools.partial(torch.optim.Adam, lr=1e-2)
 
 
-class BLL(Rule):
+class BLL(LocalRule):
     """Block-local learning: forward features are aligned with class prototypes that a
     separate feedback network computes from the labels alone.
 
@@ -42,7 +41,8 @@ class BLL(Rule):
     (the released code's sign would anti-align them). The decorrelation term spreads the
     samples of a batch apart, so the features do not collapse onto one direction.
     On fused nodes, L_k runs with autograd on a detached h_k and the node learns BP-free
-    from g = ∂L_k/∂h_k; its linear head is stepped by the fused update.
+    from g = ∂L_k/∂h_k; its linear head is stepped by the fused update (both inside
+    :meth:`~localprop.nodes.Node.local_step`).
 
     Args:
         lam_dec: weight of the decorrelation term, >= 0 (default 1.0: at 0.1 the deeper nodes
@@ -58,6 +58,7 @@ class BLL(Rule):
 
     name = "bll"
     uses_heads = True
+    figures = ("feedback_loss",)
 
     def __init__(self, lam_dec: float = 1.0, lam_cls: float = 1.0,
                  feedback_optimizer: OptimizerFactory | None = None) -> None:
@@ -99,31 +100,32 @@ class BLL(Rule):
                     p = net.rule_state.feedback[k](p)
         return inputs, p
 
-    def train_step(self, net, x, y, step):
-        inputs, _ = self.prototypes(net)
-        losses, fb_losses = {}, {}
-        h = x
-        for k, node in enumerate(net.nodes):
-            h, losses[node.name], fb = self.node_step(net, k, h.detach(), y, inputs.get(k), step)
-            if fb is not None:
-                fb_losses[node.name] = fb
-        return StepResult(step, {n: float(v) for n, v in losses.items()},
-                          {"feedback_loss": {n: float(v) for n, v in fb_losses.items()}})
+    def before_step(self, net, step):
+        """Each node k < K's message: P_{k+1}, from :meth:`prototypes`, before the forward pass."""
+        return self.prototypes(net)[0]
 
-    def node_step(self, net, k: int, u: torch.Tensor, y: torch.Tensor, proto: torch.Tensor | None,
-                  step: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
-        """Train node k on input u [B, ...] (detached) against β_k = b_k(proto)[y], then b_k;
-        proto: P_{k+1} [classes, D_{k+1}] from :meth:`prototypes` (None for the last node,
-        which learns from its own cross-entropy). Returns (h_k, L_k, b_k's loss or None), detached."""
+    def node_step(self, net, k: int, u: torch.Tensor, y: torch.Tensor, message: torch.Tensor | None,
+                  step: int) -> NodeStep:
+        """Train node k on input u [B, ...] (detached) against β_k = b_k(P_{k+1})[y], then b_k;
+        message: P_{k+1} [classes, D_{k+1}] from :meth:`prototypes` (None for the last node,
+        which learns from its own cross-entropy). Returns h_k, L_k and b_k's loss as the
+        figure "feedback_loss"."""
+        node = net.nodes[k]
         if k == len(net.nodes) - 1:
-            h, loss = _ce_step(net.nodes[k], u, y, step)
-            return h, loss, None
+            r = node.local_step(u, step, labels=y)
+            return NodeStep(r.h, r.loss)
         feedback = net.rule_state.feedback[k]
-        pred = feedback(proto)  # P_k [classes, D_k], kept for b_k's own step
-        h, loss, alpha = self._block_step(net.nodes[k], u, y, pred.detach()[y], step)
-        fb_loss = _train_feedback(pred[y], net.rule_state.optimizers[k], alpha)
-        net.nodes[k].check_update(feedback.parameters(), step, owner=net.rule_state)
-        return h, loss, fb_loss
+        pred = feedback(message)  # P_k [classes, D_k], kept for b_k's own step
+        beta, kept = pred.detach()[y], {}
+
+        def objective(h, head):
+            loss, kept["alpha"] = self.objective(h, head(h) if self.lam_cls else None, y, beta)
+            return loss
+
+        r = node.local_step(u, step, loss=objective)
+        fb_loss = _train_feedback(pred[y], net.rule_state.optimizers[k], kept["alpha"])
+        node.check_update(feedback.parameters(), step, owner=net.rule_state)
+        return NodeStep(r.h, r.loss, figures={"feedback_loss": fb_loss})
 
     def objective(self, h: torch.Tensor, logits: torch.Tensor | None, y: torch.Tensor,
                   beta: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -138,25 +140,6 @@ class BLL(Rule):
         if logits is not None:
             loss = loss + self.lam_cls * F.cross_entropy(logits, y)
         return loss, alpha.detach()
-
-    def _block_step(self, node, u, y, beta, step):
-        if not node.fused:
-            h = node(u)
-            loss, alpha = self.objective(h, node.head_logits(h) if self.lam_cls else None, y, beta)
-            node.learn(loss, step)
-            return h.detach(), loss.detach(), alpha
-        with torch.no_grad():
-            h, aux = node.transform(u)
-        hd = h.detach().requires_grad_()
-        a, c = node.head_params()
-        logits = F.linear(hd, a.detach(), None if c is None else c.detach()) if self.lam_cls else None
-        loss, alpha = self.objective(hd, logits, y, beta)
-        wrt = [hd] if logits is None else [hd, logits]
-        grads = torch.autograd.grad(loss, wrt)
-        node.learn_from_output_grad(u, h, aux, grads[0], step)
-        if logits is not None:  # the head p_k: dA = dlogitsᵀ h, by the node's optimizer
-            node.update([ops.LinearGrad(a, c, grads[1], h)], step)
-        return h, loss.detach(), alpha
 
     def __repr__(self) -> str:
         return f"BLL(lam_dec={self.lam_dec}, lam_cls={self.lam_cls})"
@@ -176,16 +159,6 @@ def pool(h: torch.Tensor) -> torch.Tensor:
 def feature_dim(shape: tuple[int, ...]) -> int:
     """D of :func:`pool` for per-sample ``shape``."""
     return pool(torch.zeros(1, *shape, device="meta")).shape[1]
-
-
-def _ce_step(node, u, y, step):
-    """The last node: its own output is the logits."""
-    if node.fused:
-        return node.fused_ce_step(u, y, step)
-    h = node(u)
-    loss = F.cross_entropy(h, y)
-    node.learn(loss, step)
-    return h.detach(), loss.detach()
 
 
 def _train_feedback(pred: torch.Tensor, optimizer, alpha: torch.Tensor) -> torch.Tensor:

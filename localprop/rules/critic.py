@@ -2,7 +2,6 @@
 and 2102.01963)."""
 from __future__ import annotations
 
-import contextlib
 import functools
 import math
 from typing import Callable, Iterable
@@ -12,7 +11,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..errors import check_callable, check_int
-from .base import Rule, StepResult
+from .base import LocalRule, NodeStep
 
 CriticFactory = Callable[[tuple[int, ...], int], nn.Module]
 OptimizerFactory = Callable[[Iterable[nn.Parameter]], torch.optim.Optimizer]
@@ -52,7 +51,7 @@ def default_critic(shape: tuple[int, ...], num_classes: int, hidden: int = 64) -
                          nn.ReLU(), nn.Linear(hidden, num_classes))
 
 
-class Critic(Rule):
+class Critic(LocalRule):
     """Local critic training: node k < K has a critic c_k (its head) that approximates the
     network's output from h_k.
 
@@ -80,6 +79,7 @@ class Critic(Rule):
 
     name = "critic"
     uses_heads = True
+    figures = ("critic_gap",)
 
     def __init__(self, critic: CriticFactory | None = None, critic_every: int = 1,
                  critic_optimizer: OptimizerFactory | None = None) -> None:
@@ -102,20 +102,6 @@ class Critic(Rule):
         critic = set() if node.head is None else {id(p) for p in node.head.parameters()}
         return [p for p in node.parameters() if id(p) not in critic]
 
-    def train_step(self, net, x, y, step):
-        losses, gaps = {}, {}
-        h = x
-        for k, node in enumerate(net.nodes):
-            u = h.detach()
-            h, per_sample = self.node_step(net, k, u, y, step)
-            losses[node.name] = per_sample.mean()
-            if k > 0:
-                gap = self.train_critic(net, k - 1, u, y, per_sample, step)
-                if gap is not None:
-                    gaps[net.nodes[k - 1].name] = gap
-        return StepResult(step, {n: float(v) for n, v in losses.items()},
-                          {"critic_gap": {n: float(v) for n, v in gaps.items()}})
-
     def train_critic(self, net, k: int, h: torch.Tensor, y: torch.Tensor, target: torch.Tensor,
                      step: int) -> torch.Tensor | None:
         """Train critic k on node k's output h [B, ...] of ``step`` against node k+1's
@@ -128,26 +114,22 @@ class Critic(Rule):
         node.check_update(node.head.parameters(), step)
         return gap
 
-    def node_step(self, net, k: int, u: torch.Tensor, y: torch.Tensor, step: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """Update node k on input u [B, ...] (detached) from its critic's loss; returns
-        (h_k, per-sample ℓ_k [B]), detached: ℓ_k is the message for critic k-1."""
+    def node_step(self, net, k: int, u: torch.Tensor, y: torch.Tensor, message, step: int) -> NodeStep:
+        """Update node k on input u [B, ...] (detached) from its critic's loss (the last node:
+        from its own cross-entropy); returns h_k, L_k and, from node 1 on, the per-sample ℓ_k
+        [B] (detached) as the backward message for critic k-1."""
         node = net.nodes[k]
-        if node.fused and node.head is None:
-            h, _ = node.fused_ce_step(u, y, step)
-            return h, F.cross_entropy(h, y, reduction="none")
-        if node.fused:
-            with torch.no_grad():
-                h, aux = node.transform(u)
-            hd = h.detach().requires_grad_()
-            per_sample = F.cross_entropy(node.head(hd), y, reduction="none")
-            g, = torch.autograd.grad(per_sample.mean(), hd)
-            node.learn_from_output_grad(u, h, aux, g, step)
-            return h, per_sample.detach()
-        h = node(u)
-        with _frozen(node.head):  # the critic passes the gradient on but is not trained by it
-            per_sample = F.cross_entropy(node.head_logits(h), y, reduction="none")
-        node.learn(per_sample.mean(), step)
-        return h.detach(), per_sample.detach()
+        if node.head is None:
+            r = node.local_step(u, step, labels=y, per_sample=True)
+        else:  # the critic passes the gradient on but is not trained by it
+            r = node.local_step(u, step, loss=lambda h, critic: F.cross_entropy(critic(h), y, reduction="none"),
+                                train_head=False)
+        return NodeStep(r.h, r.per_sample.mean(), backward=r.per_sample if k > 0 else None)
+
+    def absorb(self, net, k, h, y, back, step):
+        """Critic k learns from node k+1's per-sample losses (see :meth:`train_critic`)."""
+        gap = self.train_critic(net, k, h, y, back, step)
+        return None if gap is None else {"critic_gap": gap}
 
     def __repr__(self) -> str:
         return f"Critic(critic_every={self.critic_every})"
@@ -162,16 +144,3 @@ def _train_critic(critic: nn.Module, optimizer, h: torch.Tensor, y: torch.Tensor
     optimizer.step()
     optimizer.zero_grad(set_to_none=True)
     return gap.detach()
-
-
-@contextlib.contextmanager
-def _frozen(module: nn.Module | None):
-    """Parameters of ``module`` do not require grad inside the block (restored after)."""
-    params = [] if module is None else [p for p in module.parameters() if p.requires_grad]
-    for p in params:
-        p.requires_grad_(False)
-    try:
-        yield
-    finally:
-        for p in params:
-            p.requires_grad_(True)

@@ -1,9 +1,7 @@
 """Decoupled greedy local learning (DGL; InfoPro without its reconstruction term)."""
 from __future__ import annotations
 
-import torch.nn.functional as F
-
-from .base import LocalRule
+from .base import LocalRule, NodeStep
 
 
 class Greedy(LocalRule):
@@ -17,11 +15,5 @@ class Greedy(LocalRule):
     name = "greedy"
 
     def node_step(self, net, k, u, y, message, step):
-        node = net.nodes[k]
-        if node.fused:
-            h, loss = node.fused_ce_step(u, y, step)
-            return h, loss, None
-        h = node(u)
-        loss = F.cross_entropy(node.head_logits(h), y)
-        node.learn(loss, step)
-        return h.detach(), loss.detach(), None
+        r = net.nodes[k].local_step(u, step, labels=y)
+        return NodeStep(r.h, r.loss)

@@ -6,17 +6,16 @@ own reconstruction (see the class docstring), including its scale convention.
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 
-from .. import ops
-from ..errors import check_choice, check_finite, check_float
-from .base import Rule, StepResult
+from ..errors import check_choice, check_float
+from ..nodes import InputGradPenalty
+from .base import LocalRule, NodeStep
 
 DISTANCES = ("l2", "cosine")
 MODES = ("auto", "exact", "finite_difference")
 
 
-class SGR(Rule):
+class SGR(LocalRule):
     """Greedy local learning plus a penalty that reconciles each node's input gradient
     with its predecessor's output gradient.
 
@@ -57,6 +56,7 @@ class SGR(Rule):
 
     name = "sgr"
     uses_heads = True
+    figures = ("discord",)
 
     def __init__(self, lam: float = 1.0, distance: str = "l2", mode: str = "auto", eps: float = 1e-2) -> None:
         self.lam = check_float("SGR", "lam", lam, 0)
@@ -64,28 +64,19 @@ class SGR(Rule):
         self.mode = check_choice("SGR", "mode", mode, MODES)
         self.eps = check_float("SGR", "eps", eps, 0, open_low=True)
 
-    def train_step(self, net, x, y, step):
-        losses, discord = {}, {}
-        h, g_prev = x, None
-        for k, node in enumerate(net.nodes):
-            h, losses[node.name], g_prev, d = self.node_step(net, k, h.detach(), y, g_prev, step)
-            if d is not None:
-                discord[node.name] = d
-        return StepResult(step, {n: float(v) for n, v in losses.items()},
-                          {"discord": {n: float(v) for n, v in discord.items()}})
-
     def node_step(self, net, k: int, u: torch.Tensor, y: torch.Tensor, message: torch.Tensor | None,
-                  step: int):
+                  step: int) -> NodeStep:
         """Node k's step on input u [B, ...] (detached) with node k-1's message G_prev
-        (shaped like u; None for node 0). Returns (h_k detached, L_k, the message G_out
-        for node k+1 (None for the last node), discord or None)."""
-        node, last = net.nodes[k], k == len(net.nodes) - 1
-        finite_difference = self.mode == "finite_difference" or (self.mode == "auto" and node.fused)
-        if finite_difference and node.fused:
-            fn = self._fused_step
-        else:
-            fn = self._fd_step if finite_difference else self._exact_step
-        return fn(node, u, y, message, step, last)
+        (shaped like u; None for node 0): h_k, L_k, the message G_out for node k+1 (None
+        for the last node) and the discord figure. The penalty's gradient is the node's
+        :class:`~localprop.nodes.InputGradPenalty` (exact or by finite differences)."""
+        last, B = k == len(net.nodes) - 1, len(y)
+        penalty = None if message is None else InputGradPenalty(
+            lambda g: self.penalty(B * g, message), lambda g: self.direction(B * g, message), self.mode, self.eps)
+        r = net.nodes[k].local_step(u, step, labels=y, input_grad=message is not None, output_grad=not last,
+                                    penalty=penalty, autograd=self.mode == "exact")
+        return NodeStep(r.h, r.loss, None if last else B * r.output_grad,
+                        figures=None if message is None else {"discord": _discord(B * r.input_grad, message)})
 
     # ---- the penalty --------------------------------------------------------------
     def penalty(self, g_in: torch.Tensor, g_prev: torch.Tensor) -> torch.Tensor:
@@ -104,91 +95,8 @@ class SGR(Rule):
         v = -self.lam * (c / (na * nc) - _cos(a, c)[:, None] * a / (na * na))
         return v.view_as(g_in)
 
-    def _step_size(self, node, u: torch.Tensor, v: torch.Tensor, step: int) -> float | None:
-        """δ = eps · ‖u‖/‖v‖ (eps/‖v‖ when u = 0), or None when v = 0 (nothing to reconcile).
-        Norms in float64: a float32 norm of a large v can overflow."""
-        if node.check_finite:
-            check_finite(v, node.name, step, "SGR direction (input gradient)")
-        norm_u, norm_v = float(u.detach().double().norm()), float(v.double().norm())
-        return None if norm_v == 0 else self.eps * (norm_u or 1.0) / norm_v
-
-    # ---- node steps: (h detached, loss, message for node k+1, discord or None) ---------
-    def _exact_step(self, node, u, y, g_prev, step, last):
-        u.requires_grad_(g_prev is not None)
-        h = node(u)
-        loss = F.cross_entropy(node.head_logits(h), y)
-        wrt = ([] if last else [h]) + ([] if g_prev is None else [u])
-        grads = list(torch.autograd.grad(loss, wrt, retain_graph=True, create_graph=g_prev is not None)) if wrt else []
-        g_out = None if last else len(y) * grads.pop(0).detach()
-        total, discord = loss, None
-        if g_prev is not None:
-            g_in = len(y) * grads.pop(0)
-            discord = _discord(g_in.detach(), g_prev)
-            total = loss + self.penalty(g_in, g_prev)
-        node.learn(total, step)
-        return h.detach(), loss.detach(), g_out, discord
-
-    def _fd_step(self, node, u, y, g_prev, step, last):
-        """Finite differences on an autograd node: backward of L_k(u) (which also gives
-        ∂L_k/∂u and ∂L_k/∂h_k), then the two shifted passes' backward into the same
-        .grad, then one optimizer step."""
-        u.requires_grad_(g_prev is not None)
-        h = node(u)
-        if not last:
-            h.retain_grad()
-        loss = F.cross_entropy(node.head_logits(h), y)
-        if node.check_finite:
-            check_finite(loss, node.name, step, "loss")
-        loss.backward()
-        g_out = None if last else len(y) * h.grad
-        discord = None
-        if g_prev is not None:
-            g_in = len(y) * u.grad
-            discord = _discord(g_in, g_prev)
-            v = self.direction(g_in, g_prev)
-            delta = self._step_size(node, u, v, step)
-            for sign in (() if delta is None else (1.0, -1.0)):
-                shifted = F.cross_entropy(node.head_logits(node(u.detach() + sign * delta * v)), y)
-                (shifted * (sign / (2 * delta))).backward()
-        node.step_optimizer(step)
-        return h.detach(), loss.detach(), g_out, discord
-
-    def _fused_step(self, node, u, y, g_prev, step, last):
-        """Finite differences on a fused node, BP-free: every pass is the fused transform
-        and head-and-error op; one fused update takes all the passes' gradients."""
-        with torch.no_grad():
-            out, h, grads = _fused_pass(node, u, y, message=g_prev is not None)
-            if node.check_finite:
-                check_finite(out.loss, node.name, step, "loss")
-            a, _ = node.head_params()
-            g_out = None if last else len(y) * (out.dlogits if a is None else out.dlogits @ a)
-            discord = None
-            if g_prev is not None:
-                g_in = len(y) * out.message
-                discord = _discord(g_in, g_prev)
-                v = self.direction(g_in, g_prev)
-                delta = self._step_size(node, u, v, step)
-                for sign in (() if delta is None else (1.0, -1.0)):
-                    grads += _fused_pass(node, u + sign * delta * v, y, scale=sign / (2 * delta))[2]
-            node.update(grads, step)
-        return h, out.loss, g_out, discord
-
     def __repr__(self) -> str:
         return f"SGR(lam={self.lam}, distance={self.distance!r}, mode={self.mode!r}, eps={self.eps})"
-
-
-def _fused_pass(node, u, y, message: bool = False, scale: float = 1.0):
-    """One fused pass of a LocalLinear node at input u: (HeadError, h, the LinearGrads of
-    ``scale`` · L_k for the node and its head)."""
-    h, aux = node.transform(u)
-    a, c = node.head_params()
-    out = ops.head_error(h, aux, a, c, y, node.activation, node.weight if message else None,
-                         backend=node.backend)
-    err, dlogits = (out.err, out.dlogits) if scale == 1.0 else (out.err * scale, out.dlogits * scale)
-    grads = [ops.LinearGrad(node.weight, node.bias, err, u)]
-    if a is not None:
-        grads.append(ops.LinearGrad(a, c, dlogits, h))
-    return out, h, grads
 
 
 def _norm(a: torch.Tensor) -> torch.Tensor:
