@@ -39,9 +39,7 @@ SGD = functools.partial(torch.optim.SGD, lr=0.01, momentum=0.9)
 
 def mlp(width: int, nodes: int, check: bool) -> lp.LocalSequential:
     torch.manual_seed(0)
-    layers = [lp.LocalLinear(width, width) for _ in range(nodes - 1)] + [lp.LocalLinear(width, CLASSES, None)]
-    return lp.LocalSequential(*layers, rule="greedy", num_classes=CLASSES, optimizer=SGD, backend="cpp",
-                              check_finite=check)
+    return lp.mlp([width] * nodes + [CLASSES], rule="greedy", optimizer=SGD, backend="cpp", check_finite=check)
 
 
 def cnn(check: bool) -> lp.LocalSequential:

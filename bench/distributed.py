@@ -43,9 +43,7 @@ from localprop import distributed, memory  # noqa: E402
 
 def local_net(width: int, nodes: int, classes: int, rule: str = "greedy") -> lp.LocalSequential:
     torch.manual_seed(0)
-    layers = [lp.LocalLinear(width, width) for _ in range(nodes - 1)]
-    return lp.LocalSequential(*layers, lp.LocalLinear(width, classes, activation=None), rule=rule,
-                              num_classes=classes)
+    return lp.mlp([width] * nodes + [classes], rule=rule)
 
 
 def plain_stages(width: int, nodes: int, classes: int, counts: list[int]) -> list[nn.Sequential]:

@@ -39,9 +39,7 @@ def batch(width: int, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
 def fused_step(width: int, backend: str):
     """A no-argument callable taking one fused greedy step of the MLP on ``backend``."""
     torch.manual_seed(0)
-    nodes = [lp.LocalLinear(width, width) for _ in range(DEPTH - 1)] + [lp.LocalLinear(width, CLASSES, None)]
-    net = lp.LocalSequential(*nodes, rule="greedy", num_classes=CLASSES, optimizer=SGD, backend=backend,
-                             check_finite=False)
+    net = lp.mlp([width] * DEPTH + [CLASSES], rule="greedy", optimizer=SGD, backend=backend, check_finite=False)
     x, y = batch(width)
     return lambda: net.train_step(x, y)
 

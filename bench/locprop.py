@@ -42,12 +42,6 @@ RULES = {
 SGD = functools.partial(torch.optim.SGD, lr=0.05, momentum=0.9)
 
 
-def mlp(rule, sizes, lr_factory=SGD):
-    nodes = [lp.LocalLinear(a, b) for a, b in zip(sizes[:-2], sizes[1:-1])]
-    return lp.LocalSequential(*nodes, lp.LocalLinear(sizes[-2], sizes[-1], activation=None), rule=rule,
-                              num_classes=sizes[-1], optimizer=lr_factory)
-
-
 def accuracy_rows(args) -> list[dict]:
     rows = []
     for name, split in (("digits", data.digits()), ("mnist1d", data.mnist1d())):
@@ -56,7 +50,7 @@ def accuracy_rows(args) -> list[dict]:
             accs, secs = [], []
             for seed in range(args.seeds):
                 torch.manual_seed(seed)
-                h = fit(mlp(rule(), sizes), split, args.epochs[name], seed=seed, progress=False)
+                h = fit(lp.mlp(sizes, rule=rule(), optimizer=SGD), split, args.epochs[name], seed=seed, progress=False)
                 accs.append(h.final_accuracy)
                 secs.append(h.wall_seconds / args.epochs[name])
             rows.append({"dataset": name, "model": "MLP 4 nodes w256", "rule": label, "epochs": args.epochs[name],
@@ -73,8 +67,8 @@ def memory_rows(args) -> list[dict]:
     for depth in args.depths:
         for label, rule in rules.items():
             torch.manual_seed(0)
-            net = mlp(rule() if callable(rule) else rule, [args.width] * depth + [10],
-                      functools.partial(torch.optim.SGD, lr=0.001))
+            net = lp.mlp([args.width] * depth + [10], rule=rule() if callable(rule) else rule,
+                         optimizer=functools.partial(torch.optim.SGD, lr=0.001))
             m = memory.measure_step(net, x, y)
             rows.append({"depth": depth, "width": args.width, "batch": args.batch, "rule": label,
                          "peak_mib": m.peak_bytes / 2**20, "resident_mib": m.resident_bytes / 2**20})
@@ -111,7 +105,7 @@ def time_to_target_rows(args) -> list[dict]:
         results = []
         for seed in range(args.seeds):
             torch.manual_seed(seed)
-            net = mlp(RULES[label](), [64, 256, 256, 256, 10])
+            net = lp.mlp([64, 256, 256, 256, 10], rule=RULES[label](), optimizer=SGD)
             gen, spent, steps, reached = torch.Generator().manual_seed(seed), 0.0, 0, None
             while reached is None and steps < args.max_steps:
                 for x, y in split.batches(64, gen):
@@ -134,8 +128,9 @@ def concurrency_rows(args) -> list[dict]:
     nets = {}
     for concurrent in (False, True):
         torch.manual_seed(0)
-        nets[concurrent] = mlp(LocProp(mode="decoupled", propagation="feedback", concurrent=concurrent),
-                               [args.conc_width] * args.conc_depth + [10], functools.partial(torch.optim.SGD, lr=0.001))
+        nets[concurrent] = lp.mlp([args.conc_width] * args.conc_depth + [10],
+                                  rule=LocProp(mode="decoupled", propagation="feedback", concurrent=concurrent),
+                                  optimizer=functools.partial(torch.optim.SGD, lr=0.001))
         nets[concurrent].train_step(x, y)
     times = {c: [] for c in nets}
     for _ in range(args.repeats):

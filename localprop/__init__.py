@@ -6,6 +6,7 @@ activations and gradients of the whole network are never held together.
     import localprop as lp
     net = lp.LocalSequential(lp.LocalLinear(64, 256), lp.LocalLinear(256, 10, activation=None),
                              rule="greedy", num_classes=10)
+    net = lp.mlp([64, 256, 10], rule="greedy")  # the same network from its widths
     stats = net.train_step(x, y)
 
 Importing localprop never initialises CUDA.
@@ -14,10 +15,11 @@ from . import checkpoint, memory, ops, rules
 from .engine import LocalSequential, Prediction
 from .graph import LocalGraph
 from .localize import localize
+from .models import mlp, mlp_nodes
 from .nodes import LocalLinear, ModuleNode, Node
 from .ops import BackendUnavailable
 
 __version__ = "0.1.0"
 
 __all__ = ["LocalSequential", "LocalGraph", "LocalLinear", "ModuleNode", "Node", "Prediction", "localize",
-           "checkpoint", "memory", "ops", "rules", "BackendUnavailable", "__version__"]
+           "mlp", "mlp_nodes", "checkpoint", "memory", "ops", "rules", "BackendUnavailable", "__version__"]

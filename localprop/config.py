@@ -7,10 +7,11 @@ Keys (all optional; defaults in :data:`DEFAULTS`):
                  y_test) | "module:function" (returns a localprop.data.Split or a torch
                  Dataset of (x, y) pairs, split by ``test_fraction``); or a table
                  {name = ..., <keyword arguments of the function>}
-    model        {mlp = [in, h1, ..., classes]} (LocalLinear nodes, ReLU but the last) |
+    model        {mlp = [in, h1, ..., classes]} (localprop.mlp: LocalLinear nodes, ReLU but the last) |
                  {module = "module:function", nodes = K, kwargs = {...}} (an nn.Sequential
                  made local with localize(..., nodes=K))
-    rule         "greedy" | {name = "sgr", lam = 0.1, ...} (the rule class's keyword arguments)
+    rule         "greedy" | {name = "sgr", lam = 0.1, ...} (a name of localprop.rules.REGISTRY and
+                 the rule class's keyword arguments)
     optimizer    {name = "sgd" | "adam" | "adamw", <torch.optim keyword arguments>}
     epochs, batch_size, seed, backend, test_fraction
     distributed  {mode = "sync" | "async", staleness = 1, partition = "cost" | [nodes per rank],
@@ -47,9 +48,6 @@ DEFAULTS: dict[str, Any] = {
     "distributed": {"mode": "sync", "staleness": 1, "partition": "cost", "timeout": 60.0},
 }
 OPTIMIZERS = {"sgd": torch.optim.SGD, "adam": torch.optim.Adam, "adamw": torch.optim.AdamW}
-RULE_CLASSES = {"bp": rules.BP, "bp+checkpoint": functools.partial(rules.BP, checkpoint=True),
-                "greedy": rules.Greedy, "sgr": rules.SGR, "critic": rules.Critic, "bll": rules.BLL,
-                "pgl": rules.PGL, "locprop": rules.LocProp}
 DIST_MODES = ("sync", "async")
 
 
@@ -262,12 +260,13 @@ def _split_dataset(ds, test_fraction: float, seed: int) -> data.Split:
 
 
 def rule(cfg: dict[str, Any]) -> rules.Rule:
-    """The rule object the config names, built with its keyword arguments."""
+    """The rule object the config names, built by localprop.rules.REGISTRY with its
+    keyword arguments."""
     name, kwargs = _name_and_kwargs("rule", cfg["rule"])
-    if name not in RULE_CLASSES:
-        raise ConfigError("rule", f"one of {', '.join(RULE_CLASSES)}", name)
+    if name not in rules.REGISTRY:
+        raise ConfigError("rule", f"one of {', '.join(rules.REGISTRY)}", name)
     try:
-        return RULE_CLASSES[name](**kwargs)
+        return rules.REGISTRY[name](**kwargs)
     except (TypeError, ValueError) as exc:
         raise ConfigError("rule", f"keyword arguments of rule {name!r} ({exc})", kwargs) from None
 
@@ -287,9 +286,8 @@ def optimizer(cfg: dict[str, Any]) -> Callable:
 def network(cfg: dict[str, Any], split: data.Split):
     """The LocalSequential the config describes, built for ``split``'s inputs, with
     parameters drawn from the global RNG seeded by ``cfg["seed"]``."""
-    from .engine import LocalSequential
     from .localize import localize
-    from .nodes import LocalLinear
+    from .models import mlp
 
     torch.manual_seed(cfg["seed"])
     common = {"rule": rule(cfg), "num_classes": split.num_classes, "optimizer": optimizer(cfg),
@@ -300,8 +298,7 @@ def network(cfg: dict[str, Any], split: data.Split):
         if (sizes[0],) != tuple(split.x_train.shape[1:]) or sizes[-1] != split.num_classes:
             raise ConfigError("model.mlp", f"widths from {list(split.x_train.shape[1:])} inputs to "
                               f"{split.num_classes} classes for this dataset", sizes)
-        nodes = [LocalLinear(a, b) for a, b in zip(sizes[:-2], sizes[1:-1])]
-        return LocalSequential(*nodes, LocalLinear(sizes[-2], sizes[-1], activation=None), **common)
+        return mlp(sizes, **common)
     made = import_target("model.module", model["module"])(**model.get("kwargs", {}))
     if not isinstance(made, nn.Sequential):
         raise ConfigError("model.module", "a function returning an nn.Sequential", made)

@@ -13,10 +13,9 @@ import localprop as lp
 
 
 def mlp_nodes(sizes, dtype=torch.float32, activation="relu"):
-    """LocalLinear nodes for layer sizes [in, h1, ..., out]; the last has no activation."""
-    pairs = list(zip(sizes, sizes[1:]))
-    nodes = [lp.LocalLinear(a, b, activation=activation, dtype=dtype) for a, b in pairs[:-1]]
-    return nodes + [lp.LocalLinear(*pairs[-1], activation=None, dtype=dtype)]
+    """lp.mlp_nodes with the positional dtype and activation the tests pass: LocalLinear
+    nodes for layer sizes [in, h1, ..., out]; the last has no activation."""
+    return lp.mlp_nodes(sizes, activation=activation, dtype=dtype)
 
 
 SGD = functools.partial(torch.optim.SGD, lr=0.1, momentum=0.9)

@@ -4,7 +4,7 @@ import torch
 
 import localprop as lp
 from localprop import memory
-from tests.conftest import SGD, mlp_nodes
+from tests.conftest import SGD
 
 
 def test_track_peak_counts_known_allocations_exactly():
@@ -32,8 +32,7 @@ def test_bp_peak_matches_analytic_count_on_toy_mlp():
     torch.manual_seed(0)
     b, n, n_in, d, c = 64, 256, 32, 6, 8
     sizes = [n_in] + [n] * (d - 1) + [c]
-    nodes = [lp.LocalLinear(i, o, activation=None, bias=False) for i, o in zip(sizes, sizes[1:])]
-    net = lp.LocalSequential(*nodes, rule="bp", num_classes=c, optimizer=lambda p: torch.optim.SGD(p, lr=0.01))
+    net = lp.mlp(sizes, activation=None, bias=False, rule="bp", optimizer=lambda p: torch.optim.SGD(p, lr=0.01))
     x, y = torch.randn(b, n_in), torch.randint(0, c, (b,))
     m = memory.measure_step(net, x, y)
     activations = 4 * b * n * (d - 1)
@@ -46,7 +45,7 @@ def test_bp_peak_matches_analytic_count_on_toy_mlp():
 
 
 def test_resident_counts_optimizer_state():
-    net = lp.LocalSequential(*mlp_nodes([9, 16, 4]), rule="greedy", num_classes=4, optimizer=SGD)
+    net = lp.mlp([9, 16, 4], rule="greedy", optimizer=SGD)
     x, y = torch.randn(5, 9), torch.randint(0, 4, (5,))
     m = memory.measure_step(net, x, y)
     assert m.optimizer_bytes == m.param_bytes  # one momentum buffer per parameter
@@ -58,14 +57,14 @@ def test_greedy_uses_less_step_memory_than_bp_on_deep_mlp():
     peaks = {}
     for rule in ("bp", "greedy"):
         torch.manual_seed(0)
-        net = lp.LocalSequential(*mlp_nodes([64] + [256] * 11 + [10]), rule=rule, num_classes=10, optimizer=SGD)
+        net = lp.mlp([64] + [256] * 11 + [10], rule=rule, optimizer=SGD)
         peaks[rule] = memory.measure_step(net, x, y).peak_bytes
     assert peaks["greedy"] * 3 < peaks["bp"]
 
 
 def test_compare_keeps_rule_names():
     x, y = torch.randn(8, 9), torch.randint(0, 4, (8,))
-    rows = memory.compare(lambda r: lp.LocalSequential(*mlp_nodes([9, 16, 4]), rule=r, num_classes=4),
+    rows = memory.compare(lambda r: lp.mlp([9, 16, 4], rule=r),
                           ["bp", "bp+checkpoint", "greedy"], x, y)
     assert [r.rule for r in rows] == ["bp", "bp+checkpoint", "greedy"]
     assert all(r.peak_bytes > 0 for r in rows)

@@ -9,7 +9,6 @@ import localprop as lp
 from localprop import checkpoint
 from localprop.ops import backends
 from localprop.rules import BLL, PGL, SGR, Critic, LocProp
-from tests.conftest import mlp_nodes
 
 CPU = torch.device("cpu")
 BACKENDS = [b for b in backends.NAMES if backends.why_unavailable(b, CPU) is None]
@@ -30,8 +29,7 @@ def batches(n, seed=0):
 
 def mlp(rule, backend, seed):
     torch.manual_seed(seed)
-    return lp.LocalSequential(*mlp_nodes([9, 16, 12, 4]), rule=rule, num_classes=4, optimizer=ADAM,
-                              backend=backend)
+    return lp.mlp([9, 16, 12, 4], rule=rule, optimizer=ADAM, backend=backend)
 
 
 def cnn(rule, seed):
@@ -140,7 +138,7 @@ def test_load_errors(tmp_path):
     with pytest.raises(RuntimeError, match="build the network before loading"):
         checkpoint.load(tmp_path / "ck.pt", lp.LocalSequential(nn.Linear(3, 4), num_classes=4))
     with pytest.raises(ValueError, match="the state has 3 optimizers, this network 5"):  # 3 nodes + 2 critics
-        other = lp.LocalSequential(*mlp_nodes([9, 16, 12, 4]), rule=Critic(), num_classes=4)
+        other = lp.mlp([9, 16, 12, 4], rule=Critic())
         state = net.state_dict()
         other.load_state_dict({k: v for k, v in state.items()} | {
             k: v for k, v in other.state_dict().items() if k not in state}, strict=False)

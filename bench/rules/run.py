@@ -49,10 +49,8 @@ def he_init(net: lp.LocalSequential) -> lp.LocalSequential:
 
 def mlp(rule: str, inputs: int, depth: int, width: int, lr: float) -> lp.LocalSequential:
     """``depth`` fused nodes: inputs -> width (x depth-1, ReLU) -> 10; the demo's MLP at depth 4."""
-    sizes = [inputs] + [width] * (depth - 1)
-    nodes = [lp.LocalLinear(a, b) for a, b in zip(sizes, sizes[1:])]
-    return lp.LocalSequential(*nodes, lp.LocalLinear(width, 10, activation=None), rule=rule, num_classes=10,
-                              optimizer=functools.partial(torch.optim.SGD, lr=lr, momentum=0.9))
+    return lp.mlp([inputs] + [width] * (depth - 1) + [10], rule=rule,
+                  optimizer=functools.partial(torch.optim.SGD, lr=lr, momentum=0.9))
 
 
 def cnn1d(rule: str, depth: int, channels: int, example: torch.Tensor, lr: float) -> lp.LocalSequential:

@@ -149,9 +149,8 @@ def step_gemms(width: int, batch: int) -> list[tuple[int, int, int]]:
 
 def mlp(width: int, dtype: torch.dtype, device: torch.device, backend: str) -> lp.LocalSequential:
     """The benchmarked network: width -> width -> width -> CLASSES, ReLU, greedy with heads."""
-    nodes = [lp.LocalLinear(width, width, device=device, dtype=dtype) for _ in range(2)]
-    nodes.append(lp.LocalLinear(width, CLASSES, activation=None, device=device, dtype=dtype))
-    return lp.LocalSequential(*nodes, rule="greedy", num_classes=CLASSES, optimizer=OPTIMIZER, backend=backend)
+    return lp.mlp([width] * 3 + [CLASSES], dtype=dtype, device=device, rule="greedy", optimizer=OPTIMIZER,
+                  backend=backend)
 
 
 def batches(width, batch, dtype, device, copies):

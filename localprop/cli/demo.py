@@ -20,10 +20,8 @@ CNN_RULES = ("bp", "greedy")
 
 def mlp(rule: str, width: int = 256, depth: int = 4) -> lp.LocalSequential:
     """An MLP of ``depth`` fused nodes for 64-pixel digits."""
-    sizes = [64] + [width] * (depth - 1)
-    nodes = [lp.LocalLinear(a, b) for a, b in zip(sizes, sizes[1:])]
-    return lp.LocalSequential(*nodes, lp.LocalLinear(width, 10, activation=None), rule=rule, num_classes=10,
-                              optimizer=functools.partial(torch.optim.SGD, lr=0.05, momentum=0.9))
+    return lp.mlp([64] + [width] * (depth - 1) + [10], rule=rule,
+                  optimizer=functools.partial(torch.optim.SGD, lr=0.05, momentum=0.9))
 
 
 def cnn() -> nn.Sequential:

@@ -20,11 +20,8 @@ def deep_mlp(rule: str, width: int, depth: int, in_features: int, num_classes: i
     (at depth 1, the output node alone, from ``in_features``)."""
     if depth < 1:
         raise ValueError(f"depth: expected an integer >= 1 (the number of nodes), received {depth}")
-    sizes = [in_features] + [width] * (depth - 1)
-    nodes = [lp.LocalLinear(a, b) for a, b in zip(sizes, sizes[1:])]
-    return lp.LocalSequential(*nodes, lp.LocalLinear(sizes[-1], num_classes, activation=None), rule=rule,
-                              num_classes=num_classes, backend=backend,
-                              optimizer=functools.partial(torch.optim.SGD, lr=0.01, momentum=0.9))
+    return lp.mlp([in_features] + [width] * (depth - 1) + [num_classes], rule=rule, backend=backend,
+                  optimizer=functools.partial(torch.optim.SGD, lr=0.01, momentum=0.9))
 
 
 def profile(rules, depths, batches, width: int, in_features: int = 784, num_classes: int = 10,
