@@ -43,7 +43,7 @@ def split_balanced(parts: Sequence[list[nn.Module]], nodes: int, costs: Sequence
         size, extra = divmod(len(parts), nodes)
         counts = [size + (k < extra) for k in range(nodes)]
     else:
-        from .distributed import partition  # the same contiguous min-max split as the pipeline's
+        from .distributed.partition import partition  # the same contiguous min-max split as the pipeline's
 
         counts = partition(list(costs), nodes)
     groups, start = [], 0

@@ -1,0 +1,67 @@
+"""Peak step memory of greedy local learning on a VGG-like CNN, nodes balanced by block
+count, parameters or measured memory (``localize(balance=...)``), against bp and
+bp+checkpoint on the same layers. Memory is counted at the allocator (localprop.memory),
+so it does not depend on the machine's load.
+
+    python bench/balance.py [--batch 128] [--nodes 4 8]
+
+Rows go to bench/results/balance_memory.csv.
+"""
+from __future__ import annotations
+
+import argparse
+import gc
+import sys
+from pathlib import Path
+
+import torch
+from torch import nn
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import common  # noqa: E402
+
+import localprop as lp  # noqa: E402
+from localprop import memory  # noqa: E402
+
+#: 8 conv blocks on 3x32x32, halving the resolution after every second one
+WIDTHS = (32, 32, 64, 64, 128, 128, 256, 256)
+
+
+def vgg() -> nn.Sequential:
+    layers, c = [], 3
+    for i, w in enumerate(WIDTHS):
+        layers += [nn.Conv2d(c, w, 3, padding=1), nn.BatchNorm2d(w), nn.ReLU()]
+        layers += [nn.MaxPool2d(2)] if i % 2 else []
+        c = w
+    return nn.Sequential(*layers, nn.Flatten(), nn.Linear(c * 2 * 2, 10))
+
+
+def peak_mib(rule: str, x, y, nodes: int | None = None, balance: str = "count") -> float:
+    torch.manual_seed(0)
+    net = lp.localize(vgg(), rule=rule, num_classes=10, nodes=nodes, balance=balance, example_input=x)
+    gc.collect()
+    return memory.measure_step(net, x, y).peak_bytes / 2**20
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--batch", type=int, default=128)
+    p.add_argument("--nodes", type=int, nargs="+", default=[4, 8])
+    args = p.parse_args()
+    torch.manual_seed(0)
+    x, y = torch.randn(args.batch, 3, 32, 32), torch.randint(0, 10, (args.batch,))
+    base = {rule: peak_mib(rule, x, y) for rule in ("bp", "bp+checkpoint")}
+    rows = [{"model": "vgg8", "batch": args.batch, "rule": rule, "nodes": "", "balance": "", "peak_mib": base[rule],
+             "ratio_bp": base[rule] / base["bp"]} for rule in base]
+    for nodes in args.nodes:
+        for balance in ("count", "params", "memory"):
+            peak = peak_mib("greedy", x, y, nodes, balance)
+            rows.append({"model": "vgg8", "batch": args.batch, "rule": "greedy", "nodes": nodes, "balance": balance,
+                         "peak_mib": peak, "ratio_bp": peak / base["bp"]})
+    stamp = common.stamp()
+    common.show("peak step memory (MiB above the resident state)", rows)
+    print("appended to", common.append_rows("balance_memory", [{**stamp, **r} for r in rows]))
+
+
+if __name__ == "__main__":
+    main()
