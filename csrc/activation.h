@@ -1,15 +1,12 @@
-// Activation codes shared by every backend. The Python side maps names to these
-// codes in localprop/ops/activation.py; keep the two lists in the same order.
+// Activation codes shared by every backend. The Python side defines the same codes in
+// localprop/ops/activation.py (NONE..GELU, used by the Triton and fake kernels);
+// tests/ops/test_constants.py fails when the two lists differ.
 #pragma once
 #include <cmath>
 #include <cstdint>
 
 // The same functions serve the CUDA kernels: under nvcc they are host and device code.
-#ifdef __CUDACC__
-#define LOCALPROP_HOST_DEVICE __host__ __device__
-#else
-#define LOCALPROP_HOST_DEVICE
-#endif
+#include "host_device.h"
 
 namespace localprop {
 

@@ -12,8 +12,11 @@ import triton
 import triton.language as tl
 from torch.library import triton_op, wrap_triton
 
-# Activation codes of csrc/activation.h.
-NONE, RELU, TANH, SIGMOID, GELU = 0, 1, 2, 3, 4
+from localprop.ops.activation import GELU, NONE, RELU, SIGMOID, TANH
+
+# The activation codes (localprop/ops/activation.py) as the constexpr globals that
+# @triton.jit code may read.
+_RELU, _TANH, _SIGMOID, _GELU = tl.constexpr(RELU), tl.constexpr(TANH), tl.constexpr(SIGMOID), tl.constexpr(GELU)
 
 
 @triton.jit
@@ -91,7 +94,7 @@ def _grad_matmul_kernel(
     B, N, R,
     stride_xb, stride_xr, stride_mr, stride_mn, stride_hb, stride_hn, stride_auxb, stride_auxn,
     HAS_RIGHT: tl.constexpr,   # False: the product is x itself (R == N), no head
-    ACTIVATION: tl.constexpr,  # code of csrc/activation.h; NONE for the message ε W
+    ACTIVATION: tl.constexpr,  # code of localprop/ops/activation.py; NONE for the message ε W
     ACC_DTYPE: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
@@ -112,18 +115,18 @@ def _grad_matmul_kernel(
     else:
         g = tl.load(x_ptr + rows[:, None] * stride_xb + cols[None, :] * stride_xr,
                     mask=inside, other=0.0).to(ACC_DTYPE)
-    if ACTIVATION == 1:
+    if ACTIVATION == _RELU:
         byte = tl.load(aux_ptr + rows[:, None] * stride_auxb + (cols // 8)[None, :] * stride_auxn,
                        mask=inside, other=0)
         g = tl.where(((byte.to(tl.int32) >> (cols % 8)[None, :]) & 1) != 0, g, 0.0)
-    if ACTIVATION == 2 or ACTIVATION == 3:
+    if ACTIVATION == _TANH or ACTIVATION == _SIGMOID:
         h = tl.load(h_ptr + rows[:, None] * stride_hb + cols[None, :] * stride_hn,
                     mask=inside, other=0.0).to(ACC_DTYPE)
-        if ACTIVATION == 2:
+        if ACTIVATION == _TANH:
             g = g * (1.0 - h * h)
         else:
             g = g * (h * (1.0 - h))
-    if ACTIVATION == 4:
+    if ACTIVATION == _GELU:
         z = tl.load(aux_ptr + rows[:, None] * stride_auxb + cols[None, :] * stride_auxn,
                     mask=inside, other=0.0).to(ACC_DTYPE)
         cdf = 0.5 * (1.0 + tl.math.erf(z * 0.7071067811865476))
@@ -163,8 +166,8 @@ def head_error(h: torch.Tensor, aux: torch.Tensor, head_weight: torch.Tensor | N
     """Head cross-entropy and node error on CUDA tensors (CPU under TRITON_INTERPRET=1).
 
     h: [B, N] float; aux: what the transform kept for ``activation`` (code of
-    csrc/activation.h); head_weight A: [C, N] and head_bias c: [C] (or None), or A None
-    when h is the logits; y: int64 [B]; weight W: [N, K] or None. Any strides.
+    localprop/ops/activation.py); head_weight A: [C, N] and head_bias c: [C] (or None), or
+    A None when h is the logits; y: int64 [B]; weight W: [N, K] or None. Any strides.
     Returns loss [] (mean cross-entropy), dlogits [B, C], err [B, N] and message [B, K]
     (an empty tensor without W), all in h's dtype, none aliasing another.
     """

@@ -7,16 +7,19 @@ import triton
 import triton.language as tl
 from torch.library import triton_op, wrap_triton
 
-# Activation codes of csrc/activation.h.
-NONE, RELU, TANH, SIGMOID, GELU = 0, 1, 2, 3, 4
+from localprop.ops.activation import GELU, RELU, SIGMOID, TANH
+
+# The activation codes (localprop/ops/activation.py) as the constexpr globals that
+# @triton.jit code may read.
+_RELU, _TANH, _SIGMOID, _GELU = tl.constexpr(RELU), tl.constexpr(TANH), tl.constexpr(SIGMOID), tl.constexpr(GELU)
 
 
 @triton.jit
 def _activate(z, ACTIVATION: tl.constexpr):
     """σ(z) in z's (accumulator) precision, the same functions as torch.nn.functional."""
-    if ACTIVATION == 1:
+    if ACTIVATION == _RELU:
         return tl.where(z <= 0, 0.0, z)  # NaN stays NaN, as torch.relu
-    if ACTIVATION == 2:
+    if ACTIVATION == _TANH:
         # tl.math has no tanh that the interpreter also runs. (1 - e) / (1 + e) with
         # e = exp(-2|z|) <= 1 never overflows and is within an ulp of 1 in absolute terms;
         # below |z| = 2^-6, where its relative error would grow, the odd Taylor series
@@ -27,9 +30,9 @@ def _activate(z, ACTIVATION: tl.constexpr):
         series = a * (1.0 - a2 * (1.0 / 3.0 - a2 * (2.0 / 15.0 - a2 * (17.0 / 315.0 - a2 * (62.0 / 2835.0)))))
         th = tl.where(a < 0.015625, series, (1.0 - e) / (1.0 + e))
         return tl.where(z < 0, -th, th)
-    if ACTIVATION == 3:
+    if ACTIVATION == _SIGMOID:
         return 1.0 / (1.0 + tl.exp(-z))
-    if ACTIVATION == 4:
+    if ACTIVATION == _GELU:
         return 0.5 * z * (1.0 + tl.math.erf(z * 0.7071067811865476))
     return z
 
@@ -43,7 +46,7 @@ def _transform_kernel(
     aux_ptr,  # RELU: uint8 [B, ceil(N/8)] packed mask; GELU: [B, N] z; contiguous; else unused
     B, N, K,
     stride_ub, stride_uk, stride_wn, stride_wk, stride_b,
-    ACTIVATION: tl.constexpr,  # code of csrc/activation.h
+    ACTIVATION: tl.constexpr,  # code of localprop/ops/activation.py
     HAS_BIAS: tl.constexpr,
     ACC_DTYPE: tl.constexpr,   # float32, or float64 for float64 inputs
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
@@ -71,7 +74,7 @@ def _transform_kernel(
     h = _activate(z, ACTIVATION)
     inside = (rows[:, None] < B) & (cols[None, :] < N)
     tl.store(h_ptr + rows[:, None] * N + cols[None, :], h.to(h_ptr.dtype.element_ty), mask=inside)
-    if ACTIVATION == 1:
+    if ACTIVATION == _RELU:
         # 8 columns -> 1 byte: shift each bit to its place and sum the 8 groups of 8
         bits = (z > 0).to(tl.int32) << (tl.arange(0, BLOCK_N) % 8)[None, :]
         packed = tl.sum(tl.reshape(bits, (BLOCK_M, BLOCK_N // 8, 8)), axis=2).to(tl.uint8)
@@ -79,7 +82,7 @@ def _transform_kernel(
         bytes_ = pid_n * (BLOCK_N // 8) + tl.arange(0, BLOCK_N // 8)
         tl.store(aux_ptr + rows[:, None] * nbytes + bytes_[None, :], packed,
                  mask=(rows[:, None] < B) & (bytes_[None, :] < nbytes))
-    if ACTIVATION == 4:
+    if ACTIVATION == _GELU:
         tl.store(aux_ptr + rows[:, None] * N + cols[None, :], z.to(aux_ptr.dtype.element_ty), mask=inside)
 
 
@@ -94,7 +97,7 @@ def transform(u: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
     """z = u Wᵀ + b, h = σ(z) on CUDA tensors (CPU tensors under TRITON_INTERPRET=1).
 
     u: [B, K] float; weight: [N, K]; bias: [N] or None, any strides; activation: code of
-    csrc/activation.h. Returns h: [B, N] in u's dtype and aux: uint8 [B, ceil(N/8)] ReLU
+    localprop/ops/activation.py. Returns h: [B, N] in u's dtype and aux: uint8 [B, ceil(N/8)] ReLU
     mask (bit j of byte i = column 8i+j), [B, N] z in u's dtype for GELU, else an empty tensor.
     """
     (rows, k), n = u.shape, weight.shape[0]

@@ -6,6 +6,10 @@ maximize) and Adam/AdamW with torch.optim's single-tensor semantics. Registered 
 ``localprop::sgd_update_triton`` and ``localprop::adam_update_triton`` with the contracts
 of ``localprop::sgd_update_`` and ``localprop::adam_update_`` (csrc/localprop.cpp).
 
+The element-wise math is that of csrc/update_math.h (sgd_step, adam_step), which the C++
+and CUDA ops share; Triton cannot include it, so the epilogues below spell out the same
+formulas in the same order of operations (each step is marked with its line there).
+
 Hyperparameters travel in a small float64 tensor, not as float arguments: Triton's
 interpreter turns float arguments into float32, which would cost float64 parameters their
 precision; the kernels round them to the parameter's compute dtype, as torch.optim's tensor
@@ -71,11 +75,12 @@ def _sgd_kernel(
                    HAS_INP, DOT_DTYPE, ACC_DTYPE, BLOCK_N, BLOCK_K, BLOCK_B).to(EPI_DTYPE)
     p_ptrs = p_ptr + rows[:, None] * stride_pn + cols[None, :] * stride_pk
     p = tl.load(p_ptrs, mask=inside, other=0.0).to(EPI_DTYPE)
+    # sgd_step of csrc/update_math.h from here on, g its d
     if MAXIMIZE:
         g = -g
-    if WEIGHT_DECAY:
+    if WEIGHT_DECAY:  # d = d + weight_decay * p
         g = g + tl.load(hyper_ptr + 3).to(EPI_DTYPE) * p
-    if MOMENTUM:
+    if MOMENTUM:  # b = first_step ? d : b * momentum + (1 - dampening) * d; d = nesterov ? d + momentum * b : b
         buf_ptrs = buf_ptr + rows[:, None] * stride_bn + cols[None, :] * stride_bk
         if FIRST_STEP:
             buf = g
@@ -87,7 +92,7 @@ def _sgd_kernel(
             g = g + momentum * buf
         else:
             g = buf
-    p = p - lr * g
+    p = p - lr * g  # p - lr * d
     tl.store(p_ptrs, p.to(p_ptr.dtype.element_ty), mask=inside)
 
 
@@ -117,18 +122,22 @@ def _adam_kernel(
     p = tl.load(p_ptrs, mask=inside, other=0.0).to(EPI_DTYPE)
     m = tl.load(m_ptrs, mask=inside, other=0.0).to(EPI_DTYPE)
     v = tl.load(v_ptrs, mask=inside, other=0.0).to(EPI_DTYPE)
+    # adam_step of csrc/update_math.h from here on, g its d
     if MAXIMIZE:
         g = -g
     if WEIGHT_DECAY:
-        if DECOUPLED:
+        if DECOUPLED:  # p = p * (1 - lr * weight_decay)
             p = p * tl.load(hyper_ptr + 4).to(EPI_DTYPE)
-        else:
+        else:  # d = d + weight_decay * p
             g = g + tl.load(hyper_ptr + 3).to(EPI_DTYPE) * p
-    # torch.lerp's two forms, chosen by the weight as torch does, for the same rounding
+    # torch.lerp's two forms, chosen by the weight as torch does, for the same rounding:
+    # m = lerp_low ? m + w * (d - m) : d - (d - m) * (1 - w)
     w = tl.load(hyper_ptr).to(EPI_DTYPE)
     m = tl.where(w < 0.5, m + w * (g - m), g - (g - m) * (1.0 - w))
-    v = v * beta2.to(EPI_DTYPE) + (1.0 - beta2).to(EPI_DTYPE) * g * g
+    v = v * beta2.to(EPI_DTYPE) + (1.0 - beta2).to(EPI_DTYPE) * g * g  # v * beta2 + (1 - beta2) * d * d
     denom = tl.sqrt(v) / tl.load(hyper_ptr + 6).to(EPI_DTYPE) + tl.load(hyper_ptr + 2).to(EPI_DTYPE)
+    # p + neg_step_size * m / denom there, with neg_step_size = -(lr / bias_correction1); here
+    # m / denom is divided first, a different rounding from the C++ ops' (kept as it was)
     p = p - tl.load(hyper_ptr + 5).to(EPI_DTYPE) * (m / denom)
     tl.store(m_ptrs, m.to(m_ptr.dtype.element_ty), mask=inside)
     tl.store(v_ptrs, v.to(v_ptr.dtype.element_ty), mask=inside)

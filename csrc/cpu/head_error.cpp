@@ -22,10 +22,7 @@ void check_dtype(const char* name, const at::Tensor& t, const at::Tensor& h) {
 void check_aux(const HeadErrorArgs& a) {
   const int64_t rows = a.h.size(0), n = a.h.size(1);
   if (a.act == kRelu) {
-    TORCH_CHECK(a.aux.scalar_type() == at::kByte && a.aux.dim() == 2 && a.aux.size(0) == rows &&
-                    a.aux.size(1) == (n + 7) / 8,
-                "head_error: ReLU needs aux = the uint8 [", rows, ", ", (n + 7) / 8,
-                "] bit mask from transform, got ", a.aux.scalar_type(), " ", a.aux.sizes());
+    check_relu_aux(a);
   } else if (a.act == kGelu) {
     TORCH_CHECK(a.aux.dim() == 2 && a.aux.size(0) == rows && a.aux.size(1) == n,
                 "head_error: GELU needs aux = z of shape [", rows, ", ", n, "], got ", a.aux.sizes());
@@ -33,31 +30,27 @@ void check_aux(const HeadErrorArgs& a) {
   }
 }
 
+// The shape rules (op_args.h) with this backend's dtype rules between them.
 void check_head_error_args(const HeadErrorArgs& a) {
-  TORCH_CHECK(a.h.dim() == 2 && a.h.size(0) > 0, "head_error: h must be [B, N] with B > 0, got ", a.h.sizes());
+  check_head_error_h(a);
   TORCH_CHECK(a.h.scalar_type() == at::kFloat || a.h.scalar_type() == at::kDouble,
               "head_error: h must be float32 or float64, got ", a.h.scalar_type());
-  TORCH_CHECK(a.act >= kNone && a.act <= kGelu, "head_error: unknown activation code ", a.act);
-  const int64_t rows = a.h.size(0), n = a.h.size(1);
-  TORCH_CHECK(a.y.dim() == 1 && a.y.size(0) == rows, "head_error: y must be [", rows, "], got ", a.y.sizes());
+  check_activation_code("head_error", a.act);
+  check_head_error_y_shape(a);
   const at::ScalarType yt = a.y.scalar_type();
   TORCH_CHECK(yt == at::kLong || yt == at::kInt || yt == at::kByte,
               "head_error: y must be int64, int32 or uint8, got ", yt);
-  TORCH_CHECK(a.head_weight.has_value() || !a.head_bias.has_value(),
-              "head_error: head_bias given without head_weight");
+  check_head_bias_has_head(a);
   if (a.head_weight.has_value()) {
-    const at::Tensor& hw = *a.head_weight;
-    TORCH_CHECK(hw.dim() == 2 && hw.size(1) == n, "head_error: head_weight must be [C, ", n, "], got ", hw.sizes());
-    check_dtype("head_weight", hw, a.h);
+    check_head_weight_shape(a);
+    check_dtype("head_weight", *a.head_weight, a.h);
     if (a.head_bias.has_value()) {
-      TORCH_CHECK(a.head_bias->dim() == 1 && a.head_bias->size(0) == hw.size(0), "head_error: head_bias must be [",
-                  hw.size(0), "], got ", a.head_bias->sizes());
+      check_head_bias_shape(a);
       check_dtype("head_bias", *a.head_bias, a.h);
     }
   }
   if (a.weight.has_value()) {
-    TORCH_CHECK(a.weight->dim() == 2 && a.weight->size(0) == n, "head_error: weight must be [", n,
-                ", K], got ", a.weight->sizes());
+    check_head_error_weight_shape(a);
     check_dtype("weight", *a.weight, a.h);
   }
   check_aux(a);

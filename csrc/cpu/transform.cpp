@@ -9,17 +9,16 @@
 #include <algorithm>
 
 #include "../activation.h"
+#include "../op_args.h"
 
 namespace localprop {
 namespace {
 
 void check_transform_args(const at::Tensor& u, const at::Tensor& w, const c10::optional<at::Tensor>& b) {
-  TORCH_CHECK(u.dim() == 2, "transform: u must be [B, K], got ", u.sizes());
-  TORCH_CHECK(w.dim() == 2, "transform: weight must be [N, K], got ", w.sizes());
-  TORCH_CHECK(u.size(1) == w.size(1), "transform: u has ", u.size(1), " features, weight expects ", w.size(1));
+  check_transform_shapes(u, w);
   TORCH_CHECK(u.scalar_type() == w.scalar_type(), "transform: u is ", u.scalar_type(), ", weight is ", w.scalar_type());
   if (b.has_value()) {
-    TORCH_CHECK(b->dim() == 1 && b->size(0) == w.size(0), "transform: bias must be [", w.size(0), "], got ", b->sizes());
+    check_transform_bias_shape(w, *b);
     TORCH_CHECK(b->scalar_type() == w.scalar_type(), "transform: bias is ", b->scalar_type(), ", weight is ",
                 w.scalar_type());
   }

@@ -10,6 +10,7 @@
 #include <cmath>
 
 #include "../op_args.h"
+#include "../update_math.h"
 
 namespace localprop {
 namespace {
@@ -22,36 +23,23 @@ constexpr int64_t kTileBytes = 256 * 1024;
 constexpr int64_t kMinTileRows = 8;
 
 // The optimizer loops below run over one tile: `count` elements of param (and its
-// state) and the matching gradient g. Every flag is a template parameter so that each
-// loop is branch-free and vectorises; the pointers never alias. maximize is a factor
-// sign = -1 on g (exact). Scalars are formed in double as torch.optim forms them in
-// Python, then cast to the parameter's dtype as ATen casts them.
-
-template <typename T>
-struct SgdScalars {
-  T sign, neg_lr, momentum, one_minus_dampening, weight_decay;
-};
+// state) and the matching gradient g, one element at a time through update_math.h. Every
+// flag is a template parameter so that each loop is branch-free and vectorises; the
+// pointers never alias. maximize is a factor sign = -1 on g (exact).
 
 enum MomentumMode { kNoMomentum = 0, kFirstStep = 1, kRunning = 2 };
 
-// torch.optim.SGD's order of operations (_single_tensor_sgd), one element at a time.
 template <typename T, bool kDecay, int kMomentum, bool kNesterov>
-void sgd_loop(T* __restrict__ p, T* __restrict__ buf, const T* __restrict__ g, int64_t count,
+void sgd_loop(T* __restrict__ p, T* __restrict__ buf, const T* __restrict__ g, int64_t count, T sign,
               const SgdScalars<T>& s) {
   for (int64_t i = 0; i < count; ++i) {
-    T d = s.sign * g[i];
-    if constexpr (kDecay) d = d + s.weight_decay * p[i];
-    if constexpr (kMomentum != kNoMomentum) {
-      const T b = kMomentum == kFirstStep ? d : buf[i] * s.momentum + s.one_minus_dampening * d;
-      buf[i] = b;
-      d = kNesterov ? d + s.momentum * b : b;
-    }
-    p[i] = p[i] + s.neg_lr * d;
+    p[i] = sgd_step(p[i], sign * g[i], buf, i, s, kDecay, kMomentum != kNoMomentum, kMomentum == kFirstStep,
+                    kNesterov);
   }
 }
 
 template <typename T>
-using SgdLoop = void (*)(T*, T*, const T*, int64_t, const SgdScalars<T>&);
+using SgdLoop = void (*)(T*, T*, const T*, int64_t, T, const SgdScalars<T>&);
 
 template <typename T, bool kDecay>
 SgdLoop<T> pick_sgd_loop(int mode, bool nesterov) {
@@ -60,32 +48,19 @@ SgdLoop<T> pick_sgd_loop(int mode, bool nesterov) {
   return nesterov ? &sgd_loop<T, kDecay, kRunning, true> : &sgd_loop<T, kDecay, kRunning, false>;
 }
 
-template <typename T>
-struct AdamScalars {
-  T sign, decay_keep, weight_decay, lerp_weight, one_minus_lerp_weight, beta2, one_minus_beta2,
-      bias_correction2_sqrt, eps, neg_step_size;
-};
-
 enum DecayMode { kNoDecay = 0, kL2 = 1, kDecoupled = 2 };
 
-// torch.optim.Adam's order of operations (_single_tensor_adam), one element at a time.
-// kLerpLow: exp_avg.lerp_(d, w) as ATen computes it, whose formula depends on w < 0.5.
+// kLerpLow: see adam_step.
 template <typename T, int kDecay, bool kLerpLow>
 void adam_loop(T* __restrict__ p, T* __restrict__ m, T* __restrict__ v, const T* __restrict__ g, int64_t count,
-               const AdamScalars<T>& s) {
+               T sign, const AdamScalars<T>& s) {
   for (int64_t i = 0; i < count; ++i) {
-    T d = s.sign * g[i];
-    if constexpr (kDecay == kDecoupled) p[i] = p[i] * s.decay_keep;
-    if constexpr (kDecay == kL2) d = d + s.weight_decay * p[i];
-    m[i] = kLerpLow ? m[i] + s.lerp_weight * (d - m[i]) : d - (d - m[i]) * s.one_minus_lerp_weight;
-    v[i] = v[i] * s.beta2 + s.one_minus_beta2 * d * d;
-    const T denom = std::sqrt(v[i]) / s.bias_correction2_sqrt + s.eps;
-    p[i] = p[i] + s.neg_step_size * m[i] / denom;
+    adam_step(p[i], m[i], v[i], sign * g[i], s, kDecay != kNoDecay, kDecay == kDecoupled, kLerpLow);
   }
 }
 
 template <typename T>
-using AdamLoop = void (*)(T*, T*, T*, const T*, int64_t, const AdamScalars<T>&);
+using AdamLoop = void (*)(T*, T*, T*, const T*, int64_t, T, const AdamScalars<T>&);
 
 template <typename T, bool kLerpLow>
 AdamLoop<T> pick_adam_loop(int decay) {
@@ -93,25 +68,18 @@ AdamLoop<T> pick_adam_loop(int decay) {
   return decay == kL2 ? &adam_loop<T, kL2, kLerpLow> : &adam_loop<T, kNoDecay, kLerpLow>;
 }
 
-// param is [N, K] with inp [B, K], or [N] with inp None; err is [B, N] in both cases.
+// param is [N, K] with inp [B, K], or [N] with inp None; err is [B, N] in both cases;
+// all three share one dtype, float32 or float64.
 void check_factors(const char* op, const at::Tensor& param, const at::Tensor& err,
                    const c10::optional<at::Tensor>& inp) {
   TORCH_CHECK(param.scalar_type() == at::kFloat || param.scalar_type() == at::kDouble, op,
               ": param must be float32 or float64, got ", param.scalar_type());
-  TORCH_CHECK(param.is_contiguous(), op, ": param must be contiguous");
-  TORCH_CHECK(err.dim() == 2 && err.size(1) == param.size(0), op, ": err must be [B, ", param.size(0), "], got ",
-              err.sizes());
-  TORCH_CHECK(err.scalar_type() == param.scalar_type(), op, ": err must have param's dtype ", param.scalar_type(),
-              ", got ", err.scalar_type());
-  if (!inp.has_value()) {
-    TORCH_CHECK(param.dim() == 1, op, ": a bias param must be [N] (inp is None), got ", param.sizes());
-    return;
-  }
-  TORCH_CHECK(param.dim() == 2, op, ": a weight param must be [N, K] (inp given), got ", param.sizes());
-  TORCH_CHECK(inp->dim() == 2 && inp->size(0) == err.size(0) && inp->size(1) == param.size(1), op,
-              ": inp must be [", err.size(0), ", ", param.size(1), "], got ", inp->sizes());
-  TORCH_CHECK(inp->scalar_type() == param.scalar_type(), op, ": inp must have param's dtype ", param.scalar_type(),
-              ", got ", inp->scalar_type());
+  check_param_contiguous(op, param);
+  check_err_shape(op, param, err);
+  check_same_dtype(op, "err", err, "param", param);
+  if (!inp.has_value()) return check_bias_param(op, param);
+  check_weight_factors(op, param, err, *inp);
+  check_same_dtype(op, "inp", *inp, "param", param);
 }
 
 // How many threads a [n, k] update is worth: one per GRAIN_SIZE elements at most, so
@@ -162,20 +130,21 @@ void sgd_update_cpu(const at::Tensor& param, const at::Tensor& err, const c10::o
                     const c10::optional<at::Tensor>& momentum_buffer, double lr, double momentum,
                     double dampening, double weight_decay, bool nesterov, bool maximize, bool first_step) {
   check_factors("sgd_update_", param, err, inp);
+  check_momentum_buffer_given(momentum, momentum_buffer);
   const bool has_momentum = momentum != 0;
-  TORCH_CHECK(!has_momentum || momentum_buffer.has_value(), "sgd_update_: momentum=", momentum,
-              " needs a momentum_buffer");
   if (has_momentum) check_state_like("sgd_update_", "momentum_buffer", *momentum_buffer, param);
   const int mode = !has_momentum ? kNoMomentum : first_step ? kFirstStep : kRunning;
   AT_DISPATCH_FLOATING_TYPES(param.scalar_type(), "sgd_update_cpu", [&] {
     using T = scalar_t;
-    const SgdScalars<T> s{T(maximize ? -1 : 1), T(-lr), T(momentum), T(1 - dampening), T(weight_decay)};
+    // formed in double as torch.optim forms them in Python, then cast as ATen casts them
+    const SgdScalars<T> s{T(lr), T(momentum), T(1 - dampening), T(weight_decay)};
+    const T sign = T(maximize ? -1 : 1);
     const SgdLoop<T> loop = weight_decay != 0 ? pick_sgd_loop<T, true>(mode, nesterov)
                                               : pick_sgd_loop<T, false>(mode, nesterov);
     T* p = param.data_ptr<T>();
     T* buf = has_momentum ? momentum_buffer->data_ptr<T>() : nullptr;
     for_each_grad_tile<T>(param, err, inp, [&](const T* g, int64_t offset, int64_t count) {
-      loop(p + offset, buf ? buf + offset : nullptr, g, count, s);
+      loop(p + offset, buf ? buf + offset : nullptr, g, count, sign, s);
     });
   });
 }
@@ -186,22 +155,18 @@ void adam_update_cpu(const at::Tensor& param, const at::Tensor& err, const c10::
   check_factors("adam_update_", param, err, inp);
   check_state_like("adam_update_", "exp_avg", exp_avg, param);
   check_state_like("adam_update_", "exp_avg_sq", exp_avg_sq, param);
-  TORCH_CHECK(step >= 1, "adam_update_: step is the count after this update and must be >= 1, got ", step);
-  const double bias_correction1 = 1 - std::pow(beta1, double(step));
-  const double bias_correction2 = 1 - std::pow(beta2, double(step));
+  check_adam_step(step);
   const int decay = weight_decay == 0 ? kNoDecay : decoupled ? kDecoupled : kL2;
   AT_DISPATCH_FLOATING_TYPES(param.scalar_type(), "adam_update_cpu", [&] {
     using T = scalar_t;
-    const T lerp_weight = T(1 - beta1);
-    const AdamScalars<T> s{T(maximize ? -1 : 1), T(1 - lr * weight_decay), T(weight_decay), lerp_weight,
-                           T(1) - lerp_weight, T(beta2), T(1 - beta2), T(std::pow(bias_correction2, 0.5)), T(eps),
-                           T(-(lr / bias_correction1))};
-    const AdamLoop<T> loop = lerp_weight < T(0.5) ? pick_adam_loop<T, true>(decay) : pick_adam_loop<T, false>(decay);
+    const AdamScalars<T> s = adam_scalars<T>(lr, beta1, beta2, eps, weight_decay, step);
+    const T sign = T(maximize ? -1 : 1);
+    const AdamLoop<T> loop = s.lerp_weight < T(0.5) ? pick_adam_loop<T, true>(decay) : pick_adam_loop<T, false>(decay);
     T* p = param.data_ptr<T>();
     T* m = exp_avg.data_ptr<T>();
     T* v = exp_avg_sq.data_ptr<T>();
     for_each_grad_tile<T>(param, err, inp, [&](const T* g, int64_t offset, int64_t count) {
-      loop(p + offset, m + offset, v + offset, g, count, s);
+      loop(p + offset, m + offset, v + offset, g, count, sign, s);
     });
   });
 }

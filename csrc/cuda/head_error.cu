@@ -73,12 +73,8 @@ __global__ void slope_kernel(const T* g, const void* __restrict__ slope, T* err,
 }
 
 void check_aux(const HeadErrorArgs& a) {
-  const int64_t rows = a.h.size(0), n = a.h.size(1);
   if (a.act == kRelu) {
-    TORCH_CHECK(a.aux.scalar_type() == at::kByte && a.aux.dim() == 2 && a.aux.size(0) == rows &&
-                    a.aux.size(1) == (n + 7) / 8,
-                "head_error: ReLU needs aux = the uint8 [", rows, ", ", (n + 7) / 8, "] bit mask from transform, got ",
-                a.aux.scalar_type(), " ", a.aux.sizes());
+    check_relu_aux(a);
   } else if (a.act == kGelu) {
     TORCH_CHECK(a.aux.scalar_type() == a.h.scalar_type() && a.aux.sizes() == a.h.sizes(),
                 "head_error: GELU needs aux = z, ", a.h.scalar_type(), " ", a.h.sizes(), ", got ",
@@ -88,35 +84,31 @@ void check_aux(const HeadErrorArgs& a) {
 }
 
 void check_head(const HeadErrorArgs& a) {
-  TORCH_CHECK(a.head_weight.has_value() || !a.head_bias.has_value(), "head_error: head_bias given without head_weight");
+  check_head_bias_has_head(a);
   if (!a.head_weight.has_value()) return;
-  const at::Tensor& hw = *a.head_weight;
-  check_cuda("head_error", "head_weight", hw, a.h);
-  TORCH_CHECK(hw.dim() == 2 && hw.size(1) == a.h.size(1), "head_error: head_weight must be [C, ", a.h.size(1),
-              "], got ", hw.sizes());
+  check_cuda("head_error", "head_weight", *a.head_weight, a.h);
+  check_head_weight_shape(a);
   if (a.head_bias.has_value()) {
     check_cuda("head_error", "head_bias", *a.head_bias, a.h);
-    TORCH_CHECK(a.head_bias->dim() == 1 && a.head_bias->size(0) == hw.size(0), "head_error: head_bias must be [",
-                hw.size(0), "], got ", a.head_bias->sizes());
+    check_head_bias_shape(a);
   }
 }
 
+// The shape rules (op_args.h) with this backend's device and dtype rules between them.
 void check_head_error_args(const HeadErrorArgs& a) {
   check_cuda("head_error", "h", a.h, a.h);
   check_float("head_error", "h", a.h);
-  TORCH_CHECK(a.h.dim() == 2 && a.h.size(0) > 0, "head_error: h must be [B, N] with B > 0, got ", a.h.sizes());
-  TORCH_CHECK(a.act >= kNone && a.act <= kGelu, "head_error: unknown activation code ", a.act, ", expected 0..4");
+  check_head_error_h(a);
+  check_activation_code("head_error", a.act);
   check_cuda("head_error", "y", a.y, a.h);
-  TORCH_CHECK(a.y.dim() == 1 && a.y.size(0) == a.h.size(0), "head_error: y must be [", a.h.size(0), "], got ",
-              a.y.sizes());
+  check_head_error_y_shape(a);
   TORCH_CHECK(!at::isFloatingType(a.y.scalar_type()) && !at::isComplexType(a.y.scalar_type()) &&
                   a.y.scalar_type() != at::kBool,
               "head_error: y must hold integer labels, got ", a.y.scalar_type());
   check_head(a);
   if (a.weight.has_value()) {
     check_cuda("head_error", "weight", *a.weight, a.h);
-    TORCH_CHECK(a.weight->dim() == 2 && a.weight->size(0) == a.h.size(1), "head_error: weight must be [",
-                a.h.size(1), ", K], got ", a.weight->sizes());
+    check_head_error_weight_shape(a);
   }
   check_aux(a);
 }

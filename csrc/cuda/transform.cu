@@ -3,6 +3,8 @@
 // pass: the packed ReLU bit mask, or z for GELU. z is read once and written once.
 #include "common.cuh"
 
+#include "../op_args.h"
+
 namespace localprop {
 namespace cuda {
 namespace {
@@ -44,14 +46,11 @@ void check_transform_args(const at::Tensor& u, const at::Tensor& w, const c10::o
   check_cuda("transform", "u", u, u);
   check_cuda("transform", "weight", w, u);
   check_float("transform", "u", u);
-  TORCH_CHECK(u.dim() == 2, "transform: u must be [B, K], got ", u.sizes());
-  TORCH_CHECK(w.dim() == 2, "transform: weight must be [N, K], got ", w.sizes());
-  TORCH_CHECK(u.size(1) == w.size(1), "transform: u has ", u.size(1), " features, weight expects ", w.size(1));
-  TORCH_CHECK(act >= kNone && act <= kGelu, "transform: unknown activation code ", act, ", expected 0..4");
+  check_transform_shapes(u, w);
+  check_activation_code("transform", act);
   if (b.has_value()) {
     check_cuda("transform", "bias", *b, u);
-    TORCH_CHECK(b->dim() == 1 && b->size(0) == w.size(0), "transform: bias must be [", w.size(0), "], got ",
-                b->sizes());
+    check_transform_bias_shape(w, *b);
   }
 }
 

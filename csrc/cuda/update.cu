@@ -8,6 +8,7 @@
 #include <cmath>
 
 #include "../op_args.h"
+#include "../update_math.h"
 
 namespace localprop {
 namespace cuda {
@@ -28,53 +29,42 @@ struct Sgd {
 // Adam / AdamW hyperparameters with this step's bias corrections folded in.
 template <typename A>
 struct Adam {
-  A lr_wd_keep, one_minus_beta1, beta2, one_minus_beta2, weight_decay, bias_correction2_sqrt, eps, neg_step_size;
+  AdamScalars<A> s;
   bool decoupled, maximize;
 };
 
-// One element of torch.optim.SGD (_single_tensor_sgd), in its order of operations,
-// on `count` elements of param (and buf) with the matching gradient tile.
+// torch.optim.SGD (update_math.h) on `count` elements of param (and buf) with the
+// matching gradient tile.
 template <typename P>
 __global__ void sgd_kernel(P* __restrict__ param, P* __restrict__ buf, const at::opmath_type<P>* __restrict__ grad,
                            int64_t count, Sgd<at::opmath_type<P>> o) {
   using A = at::opmath_type<P>;
   for (int64_t i = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; i < count; i += int64_t(gridDim.x) * blockDim.x) {
+    // 1 - dampening in A, as this kernel has always formed it (the CPU op forms it in
+    // double); kept so that the CUDA results do not change.
+    const SgdScalars<A> s{o.lr, o.momentum, A(1) - o.dampening, o.weight_decay};
     const A p = static_cast<A>(param[i]);
-    A d = o.maximize ? -grad[i] : grad[i];
-    if (o.weight_decay != A(0)) d = d + o.weight_decay * p;
-    if (o.has_momentum) {
-      const A b = o.first_step ? d : static_cast<A>(buf[i]) * o.momentum + (A(1) - o.dampening) * d;
-      buf[i] = static_cast<P>(b);
-      d = o.nesterov ? d + o.momentum * b : b;
-    }
-    param[i] = static_cast<P>(p - o.lr * d);
+    param[i] = static_cast<P>(sgd_step(p, o.maximize ? -grad[i] : grad[i], buf, i, s, o.weight_decay != A(0),
+                                       o.has_momentum, o.first_step, o.nesterov));
   }
 }
 
-// One element of torch.optim.Adam (_single_tensor_adam, no amsgrad), in its order of
-// operations; decoupled weight decay is AdamW's.
+// torch.optim.Adam (update_math.h, no amsgrad; decoupled weight decay is AdamW's) on
+// `count` elements of param and its state with the matching gradient tile.
 template <typename P>
 __global__ void adam_kernel(P* __restrict__ param, P* __restrict__ exp_avg, P* __restrict__ exp_avg_sq,
                             const at::opmath_type<P>* __restrict__ grad, int64_t count, Adam<at::opmath_type<P>> o) {
   using A = at::opmath_type<P>;
   for (int64_t i = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; i < count; i += int64_t(gridDim.x) * blockDim.x) {
     A p = static_cast<A>(param[i]), m = static_cast<A>(exp_avg[i]), v = static_cast<A>(exp_avg_sq[i]);
-    A d = o.maximize ? -grad[i] : grad[i];
-    if (o.weight_decay != A(0)) {
-      if (o.decoupled) {
-        p = p * o.lr_wd_keep;
-      } else {
-        d = d + o.weight_decay * p;
-      }
-    }
-    // lerp as ATen computes it, which switches formula at weight 0.5
-    const A w = o.one_minus_beta1;
-    m = w < A(0.5) ? m + w * (d - m) : d - (d - m) * (A(1) - w);
-    v = v * o.beta2 + o.one_minus_beta2 * d * d;
-    const A denom = sqrt(v) / o.bias_correction2_sqrt + o.eps;
+    // 1 - w formed here, as this kernel always has (the same value as the host's)
+    AdamScalars<A> s = o.s;
+    s.one_minus_lerp_weight = A(1) - s.lerp_weight;
+    adam_step(p, m, v, o.maximize ? -grad[i] : grad[i], s, s.weight_decay != A(0), o.decoupled,
+              s.lerp_weight < A(0.5));
     exp_avg[i] = static_cast<P>(m);
     exp_avg_sq[i] = static_cast<P>(v);
-    param[i] = static_cast<P>(p + o.neg_step_size * m / denom);
+    param[i] = static_cast<P>(p);
   }
 }
 
@@ -90,20 +80,13 @@ void check_factors(const char* op, const at::Tensor& param, const at::Tensor& er
   check_cuda(op, "param", param, param);
   check_cuda(op, "err", err, param);
   check_float(op, "err", err);
-  TORCH_CHECK(param.is_contiguous(), op, ": param must be contiguous");
+  check_param_contiguous(op, param);
   check_param_dtype(op, "param", param.scalar_type(), err.scalar_type());
-  TORCH_CHECK(err.dim() == 2 && err.size(1) == param.size(0), op, ": err must be [B, ", param.size(0), "], got ",
-              err.sizes());
-  if (!inp.has_value()) {
-    TORCH_CHECK(param.dim() == 1, op, ": a bias param must be [N] (inp is None), got ", param.sizes());
-    return;
-  }
+  check_err_shape(op, param, err);
+  if (!inp.has_value()) return check_bias_param(op, param);
   check_cuda(op, "inp", *inp, param);
-  TORCH_CHECK(param.dim() == 2, op, ": a weight param must be [N, K] (inp given), got ", param.sizes());
-  TORCH_CHECK(inp->dim() == 2 && inp->size(0) == err.size(0) && inp->size(1) == param.size(1), op, ": inp must be [",
-              err.size(0), ", ", param.size(1), "], got ", inp->sizes());
-  TORCH_CHECK(inp->scalar_type() == err.scalar_type(), op, ": inp must have err's dtype ", err.scalar_type(), ", got ",
-              inp->scalar_type());
+  check_weight_factors(op, param, err, *inp);
+  check_same_dtype(op, "inp", *inp, "err", err);
 }
 
 // out = a b on cuBLAS, out in a's dtype or (bf16/fp16 a, b) in float32.
@@ -140,9 +123,8 @@ void sgd_update_cuda(const at::Tensor& param, const at::Tensor& err, const c10::
                      const c10::optional<at::Tensor>& momentum_buffer, double lr, double momentum, double dampening,
                      double weight_decay, bool nesterov, bool maximize, bool first_step) {
   check_factors("sgd_update_", param, err, inp);
+  check_momentum_buffer_given(momentum, momentum_buffer);
   const bool has_momentum = momentum != 0;
-  TORCH_CHECK(!has_momentum || momentum_buffer.has_value(), "sgd_update_: momentum=", momentum,
-              " needs a momentum_buffer, got None");
   if (has_momentum) check_state("sgd_update_", "momentum_buffer", *momentum_buffer, param);
   const c10::cuda::CUDAGuard guard(param.device());
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, param.scalar_type(), "sgd_update_cuda", [&] {
@@ -165,15 +147,11 @@ void adam_update_cuda(const at::Tensor& param, const at::Tensor& err, const c10:
   check_factors("adam_update_", param, err, inp);
   check_state("adam_update_", "exp_avg", exp_avg, param);
   check_state("adam_update_", "exp_avg_sq", exp_avg_sq, param);
-  TORCH_CHECK(step >= 1, "adam_update_: step is the count after this update and must be >= 1, got ", step);
+  check_adam_step(step);
   const c10::cuda::CUDAGuard guard(param.device());
-  // Scalars formed in double exactly as torch.optim forms them in Python.
-  const double bias_correction1 = 1 - std::pow(beta1, double(step));
-  const double bias_correction2 = 1 - std::pow(beta2, double(step));
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, param.scalar_type(), "adam_update_cuda", [&] {
     using A = at::opmath_type<scalar_t>;
-    const Adam<A> o{A(1 - lr * weight_decay), A(1 - beta1), A(beta2), A(1 - beta2), A(weight_decay),
-                    A(std::pow(bias_correction2, 0.5)), A(eps), A(-(lr / bias_correction1)), decoupled, maximize};
+    const Adam<A> o{adam_scalars<A>(lr, beta1, beta2, eps, weight_decay, step), decoupled, maximize};
     scalar_t* p = param.data_ptr<scalar_t>();
     scalar_t* m = exp_avg.data_ptr<scalar_t>();
     scalar_t* v = exp_avg_sq.data_ptr<scalar_t>();

@@ -6,8 +6,14 @@ import math
 
 import torch
 
-#: Name -> code. The order matches csrc/activation.h and kernels/.
-CODES = {None: 0, "relu": 1, "tanh": 2, "sigmoid": 3, "gelu": 4}
+# The integer code of each activation: the one definition on the Python side, imported by
+# the Triton kernels (localprop.kernels) and the fake kernels (fake.py). The C++ and CUDA
+# ops take the same codes from csrc/activation.h (enum Activation), which C++ cannot import
+# from here; tests/ops/test_constants.py checks that the two lists agree.
+NONE, RELU, TANH, SIGMOID, GELU = 0, 1, 2, 3, 4
+
+#: Name -> code.
+CODES = {None: NONE, "relu": RELU, "tanh": TANH, "sigmoid": SIGMOID, "gelu": GELU}
 
 
 def code(activation: str | None) -> int:

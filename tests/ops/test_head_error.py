@@ -1,107 +1,77 @@
-"""The head-and-error op (softmax-CE, dlogits, ε = (dlogits A) ⊙ σ'(z), message ε W)
-against its float64 reference."""
+"""The head-and-error op (softmax-CE, dlogits, ε = (dlogits A) ⊙ σ'(z), message ε W) on
+every backend against its float64 reference: with and without a head, head bias and
+message, odd sizes in every position, strided and transposed inputs, then narrow labels,
+large logits, argument checks, opcheck and torch.compile(fullgraph=True)."""
 import pytest
 import torch
 
 from localprop import ops
-from tests.ops.conftest import (ACTIVATIONS, LARGE_SIZE, LAYOUTS, assert_close_to_ref, kernel_backend, layout,
-                                make_gen, poison_allocator)
+from tests.ops.cases import (ACTIVATIONS, BF16, F32, F64, LARGE_SIZE, assert_matches, backend_param, device, dtypes,
+                             head_inputs, kernels, layout, opcheck_utils, per_backend, references, small)
 
-#: (B, K, N, C): odd sizes in every position, one large N, and C = 1 (a single class)
-SHAPES = [(1, 7, 37, 129), (7, 37, 129, 1), (37, 129, 1, 7), (129, 1, 7, 37), (16, 37, LARGE_SIZE, 10)]
-
-
-def inputs(rows, k, n, classes, dtype, activation, head=True, seed=0):
-    """(h, aux, A, c, y, W) with h, aux from the float64 reference transform, cast to dtype."""
-    gen = make_gen(seed)
-    u = torch.randn(rows, k, generator=gen, dtype=torch.float64)
-    w = torch.randn(n, k, generator=gen, dtype=torch.float64) / k ** 0.5
-    h, aux = ops.transform_ref(u, w, None, activation)
-    a = torch.randn(classes, n, generator=gen, dtype=torch.float64) / n ** 0.5 if head else None
-    c = torch.randn(classes, generator=gen, dtype=torch.float64) if head else None
-    y = torch.randint(0, classes if head else n, (rows,), generator=gen)
-    cast = [None if t is None else t.to(dtype) for t in (h, aux if aux.is_floating_point() else None, a, c, w)]
-    return cast[0], aux if cast[1] is None else cast[1], cast[2], cast[3], y, cast[4]
+#: (B, N, C or None for no head, head bias, K of the message or None), small enough for
+#: Triton's interpreter
+SMALL = [(7, 37, 3, True, 5), (37, 7, 129, False, None), (1, 10, None, False, 1), (16, 129, 7, True, 37)]
+#: the others also take odd sizes in every position, a large N, C = 1, C = 1000, and a
+#: last node (no head, no message)
+SHAPES = SMALL + [(1, 37, 129, True, 7), (7, 129, 1, True, 37), (37, 1, 7, True, 129), (129, 7, 37, True, 1),
+                  (16, LARGE_SIZE, 10, True, 37), (1, 7, 3, True, 37), (37, 129, 10, True, 7),
+                  (129, 37, 1000, True, None), (37, 10, None, False, None), (37, 11, None, False, 7),
+                  (7, 129, 10, False, 37)]
 
 
-def upcast(args):
-    return [t.double() if isinstance(t, torch.Tensor) and t.is_floating_point() else t for t in args]
+def matrix(backend):
+    """(dtype, param dtype, case, layout, activation) of every case of ``backend``."""
+    shapes = SMALL if small(backend) else SHAPES
+    cases = [(d, None, s, k, a) for d in dtypes(backend) for s in shapes for k in ("contiguous", "strided")
+             for a in ACTIVATIONS]
+    cases += [(d, None, (37, 129, 10, True, 7), "transposed", a) for d in dtypes(backend) for a in ACTIVATIONS]
+    if backend == "cuda":  # bfloat16 activations, float32 master weights
+        cases += [(BF16, F32, (37, 129, 10, True, 7), "contiguous", a) for a in ("relu", "gelu")]
+    if backend == "triton" and device(backend).type == "cuda":
+        cases.append((BF16, None, (129, 67, 10, True, 33), "contiguous", None))
+    return cases
 
 
-def check(backend, args, activation, with_message=True):
+def check(backend, args, activation):
     h, aux, a, c, y, w = args
-    w = w if with_message else None
-    classes = h.shape[1] if a is None else a.shape[0]
-    poison_allocator(h.shape[0] * max(h.shape[1], classes), h.dtype)
     out = ops.head_error(h, aux, a, c, y, activation, w, backend=backend)
-    ref64 = ops.head_error_ref(*upcast((h, aux, a, c, y)), activation, None if w is None else w.double())
-    same = ops.head_error_ref(h, aux, a, c, y, activation, w)
+    ref64, same, ref32 = references(
+        lambda h_, aux_, a_, c_, w_: ops.head_error_ref(h_, aux_, a_, c_, y, activation, w_), (h, aux, a, c, w),
+        h.dtype)
     for name in ("loss", "dlogits", "err", "message"):
-        got, want64, want = getattr(out, name), getattr(ref64, name), getattr(same, name)
-        if want is None:
-            assert got is None, name
-        elif h.dtype == torch.float64:
-            assert_close_to_ref(got, want64, want64, ulps=64)
+        if getattr(same, name) is None:
+            assert getattr(out, name) is None, name
         else:
-            assert_close_to_ref(got, want64, want)
+            assert_matches(getattr(out, name), getattr(ref64, name), getattr(same, name), getattr(ref32, name), name)
+    ptrs = [t.data_ptr() for t in out if t is not None and t.numel()]
+    assert len(set(ptrs)) == len(ptrs), "outputs alias each other"
+    assert not set(ptrs) & {t.data_ptr() for t in args if t is not None and t.numel()}, "an output aliases an input"
 
 
-@kernel_backend
-@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
-@pytest.mark.parametrize("activation", ACTIVATIONS)
-@pytest.mark.parametrize("shape", SHAPES, ids=str)
-def test_matches_reference(backend, shape, activation, dtype):
-    check(backend, inputs(*shape, dtype, activation), activation)
+@per_backend("dtype,param_dtype,case,kind,activation", matrix)
+def test_matches_reference(backend, dtype, param_dtype, case, kind, activation):
+    h, aux, a, c, y, w = head_inputs(*case, dtype, activation, device(backend), param_dtype)
+    mask_kind = kind if aux.is_floating_point() or kind == "strided" else "contiguous"
+    check(backend, (layout(h, kind), layout(aux, mask_kind), layout(a, kind), layout(c, kind), layout(y, kind),
+                    layout(w, kind)), activation)
 
 
-@kernel_backend
-@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
-@pytest.mark.parametrize("activation", ACTIVATIONS)
-def test_last_node_without_head(backend, activation, dtype):
-    check(backend, inputs(37, 7, 10, None, dtype, activation, head=False), activation, with_message=False)
-
-
-@kernel_backend
-@pytest.mark.parametrize("activation", ACTIVATIONS)
-@pytest.mark.parametrize("kind", LAYOUTS)
-def test_non_contiguous_inputs(backend, kind, activation):
-    h, aux, a, c, y, w = inputs(37, 7, 129, 10, torch.float32, activation)
-    aux = layout(aux, kind) if activation == "gelu" else aux
-    check(backend, (layout(h, kind), aux, layout(a, kind), c, y[::1], layout(w, kind)), activation)
-
-
-@kernel_backend
-@pytest.mark.parametrize("label_dtype", [torch.int32, torch.uint8])
+@per_backend("label_dtype", lambda b: [torch.int32, torch.uint8], names=("cpp", "triton"))
 def test_narrow_labels(backend, label_dtype):
-    h, aux, a, c, y, w = inputs(7, 37, 129, 10, torch.float64, "tanh")
+    h, aux, a, c, y, w = head_inputs(7, 129, 10, True, 37, F64, "tanh", device(backend))
     got = ops.head_error(h, aux, a, c, y.to(label_dtype), "tanh", w, backend=backend)
     for g, want in zip(got, ops.head_error(h, aux, a, c, y, "tanh", w, backend=backend)):
         assert torch.equal(g, want)
 
 
-@kernel_backend
-def test_without_head_bias(backend):
-    h, aux, a, _, y, w = inputs(7, 37, 129, 10, torch.float32, "tanh")
-    check(backend, (h, aux, a, None, y, w), "tanh")
-
-
-@kernel_backend
+@backend_param(names=("reference", "cpp", "triton"))
 def test_large_logits_are_stable(backend):
-    h, aux, a, c, y, w = inputs(7, 5, 13, 10, torch.float32, None)
+    h, aux, a, c, y, w = head_inputs(7, 13, 10, True, 5, F32, None, device(backend))
     check(backend, (h * 1e4, aux, a, c, y, w), None)
 
 
-@kernel_backend
-@pytest.mark.parametrize("head", [True, False])
-def test_outputs_alias_nothing(backend, head):
-    h, aux, a, c, y, w = inputs(7, 5, 13, 10, torch.float64, None, head=head)
-    out = ops.head_error(h, aux, a, c, y, None, w, backend=backend)
-    ptrs = [t.data_ptr() for t in out]
-    assert len(set(ptrs)) == 4
-    assert not set(ptrs) & {t.data_ptr() for t in (h, a, c, w) if t is not None}
-
-
-@kernel_backend
+@backend_param(names=("cpp",))
 @pytest.mark.parametrize("change, match", [
     (lambda args: {**args, "y": args["y"] + 100}, r"labels must lie in \[0, 10\)"),
     (lambda args: {**args, "head_weight": args["head_weight"][:, :3]}, r"head_weight must be \[C, 13\]"),
@@ -110,24 +80,33 @@ def test_outputs_alias_nothing(backend, head):
     (lambda args: {**args, "weight": args["weight"].float()}, "weight must have h's dtype"),
 ])
 def test_rejects_bad_arguments(backend, change, match):
-    h, aux, a, c, y, w = inputs(7, 5, 13, 10, torch.float64, "relu")
+    h, aux, a, c, y, w = head_inputs(7, 13, 10, True, 5, F64, "relu")
     args = change(dict(h=h, aux=aux, head_weight=a, head_bias=c, y=y, activation=1, weight=w))
     with pytest.raises(RuntimeError, match=match):
         torch.ops.localprop.head_error(*args.values())
 
 
-@kernel_backend
-@pytest.mark.parametrize("activation, head", [("relu", True), ("gelu", True), (None, False)])
+#: (activation, with head and message) of the opcheck and torch.compile samples
+SAMPLES = [("relu", True), ("gelu", True), (None, False)]
+
+
+def sample(backend, activation, head):
+    """(the backend's registered op, its arguments)."""
+    kernels(backend)  # registers the triton ops
+    name = "head_error_triton" if backend == "triton" else "head_error"
+    h, aux, a, c, y, w = head_inputs(7, 13, 10 if head else None, head, 5 if head else None,
+                                     F64 if backend == "cpp" else F32, activation, device(backend))
+    return getattr(torch.ops.localprop, name).default, (h, aux, a, c, y, ops.activation.code(activation), w)
+
+
+@per_backend("activation,head", lambda b: SAMPLES, names=("cpp", "triton", "cuda"))
 def test_opcheck(backend, activation, head):
-    h, aux, a, c, y, w = inputs(7, 5, 13, 10, torch.float64, activation, head=head)
-    code = ops.activation.code(activation)
-    torch.library.opcheck(torch.ops.localprop.head_error.default, (h, aux, a, c, y, code, w if head else None))
+    torch.library.opcheck(*sample(backend, activation, head), **opcheck_utils(backend))
 
 
-@kernel_backend
-def test_compiles_fullgraph(backend):
-    h, aux, a, c, y, w = inputs(7, 5, 13, 10, torch.float64, "relu")
-    op = torch.ops.localprop.head_error
-    compiled = torch.compile(lambda *args: op(*args, 1, w), fullgraph=True)
-    for got, want in zip(compiled(h, aux, a, c, y), op(h, aux, a, c, y, 1, w)):
-        assert torch.equal(got, want)
+@per_backend("activation,head", lambda b: SAMPLES, names=("cpp", "cuda"))
+def test_compiles_fullgraph(backend, activation, head):
+    op, args = sample(backend, activation, head)
+    torch._dynamo.reset()
+    compiled = torch.compile(lambda *a: op(*a), fullgraph=True)
+    torch.testing.assert_close(compiled(*args), op(*args), rtol=0, atol=0)

@@ -1,5 +1,8 @@
-"""The fused update (SGD, Adam, AdamW from the gradient's factors) against torch.optim
-itself: parameters and optimizer state, over several steps, in float64 and float32."""
+"""The fused update (SGD, Adam, AdamW from the gradient's factors) on every backend
+against torch.optim itself: parameters and optimizer state (keys, types, values) after
+several steps, within twice PyTorch's own error in the same dtype; then the first-step
+momentum buffer, switching with torch.optim and state_dict, the fallback for other
+optimizers, whole greedy training, argument checks, opcheck and torch.compile."""
 import copy
 import functools
 import warnings
@@ -10,8 +13,8 @@ import torch
 import localprop as lp
 from localprop import ops
 from localprop.ops import fused_update
-from tests.conftest import mlp_nodes
-from tests.ops.conftest import LARGE_SIZE, ODD_SIZES, assert_close_to_ref, kernel_backend, layout, make_gen
+from tests.ops.cases import (BF16, F32, F64, LARGE_SIZE, assert_matches, backend_param, device, dtypes,
+                             kernels, layout, make_gen, opcheck_utils, per_backend, small, update_inputs)
 
 SGD, Adam, AdamW = torch.optim.SGD, torch.optim.Adam, torch.optim.AdamW
 OPTIMIZERS = {
@@ -19,26 +22,134 @@ OPTIMIZERS = {
     "momentum": functools.partial(SGD, lr=0.1, momentum=0.9),
     "nesterov": functools.partial(SGD, lr=0.1, momentum=0.9, nesterov=True),
     "dampening+wd": functools.partial(SGD, lr=0.1, momentum=0.8, dampening=0.3, weight_decay=0.01),
+    "momentum+dampening+wd": functools.partial(SGD, lr=0.1, momentum=0.9, dampening=0.1, weight_decay=0.01),
     "maximize+tensor_lr": functools.partial(SGD, lr=torch.tensor(0.05), momentum=0.5, weight_decay=0.1,
                                             maximize=True),
+    "nesterov+wd": functools.partial(SGD, lr=0.1, momentum=0.9, nesterov=True, weight_decay=0.01),
+    "nesterov+wd+maximize": functools.partial(SGD, lr=0.1, momentum=0.9, nesterov=True, weight_decay=0.01,
+                                              maximize=True),
+    "dampening+maximize": functools.partial(SGD, lr=0.1, momentum=0.8, dampening=0.3, maximize=True),
     "adam": functools.partial(Adam, lr=0.01),
+    "adam+wd": functools.partial(Adam, lr=0.01, weight_decay=0.1),
     "adam+wd+maximize": functools.partial(Adam, lr=0.01, betas=(0.3, 0.99), weight_decay=0.05, maximize=True),
+    "adam+maximize": functools.partial(Adam, lr=0.01, betas=(0.3, 0.9), maximize=True),  # lerp weight >= 0.5
     "adamw": functools.partial(AdamW, lr=0.01, weight_decay=0.1),
+    # eps well above float32 rounding of the gradient: with eps ~ 1e-8, an element whose
+    # gradient is ~0 takes a step of +-lr on the sign of a rounding error (cuBLAS's too)
+    "adam-eps": functools.partial(Adam, lr=1e-2, eps=1e-4),
+    "adam-eps+wd+maximize": functools.partial(Adam, lr=1e-2, eps=1e-4, betas=(0.8, 0.99), weight_decay=0.1,
+                                              maximize=True),
+    "adamw-eps": functools.partial(AdamW, lr=1e-2, eps=1e-4, weight_decay=0.1),
 }
-#: (B, N, K): the weight spans several row tiles at K = 200 and K = LARGE_SIZE
-SHAPES = [(1, 1, 1), (7, 37, 129), (ODD_SIZES[2], 129, 200), (5, 129, LARGE_SIZE)]
+#: the cuda backend's (float32 and bfloat16 only; the eps ~ 1e-8 ones fail there, see above);
+#: the other backends take the rest
+CUDA_OPTIMIZERS = ("sgd", "nesterov+wd", "dampening+maximize", "adam-eps", "adam-eps+wd+maximize", "adamw-eps")
+CPU_OPTIMIZERS = tuple(name for name in OPTIMIZERS if name == "sgd" or name not in CUDA_OPTIMIZERS)
+STATE_KEYS = ("momentum_buffer", "exp_avg", "exp_avg_sq")
+
+#: (B, N, K) small enough for Triton's interpreter, with the layout of the factors (and
+#: the parameters themselves when strided)
+SMALL = [((37, 7, 129), "contiguous"), ((1, 37, 7), "strided"), ((7, 1, 1), "contiguous"),
+         ((16, 33, 17), "strided")]
+#: the others also take 1 x 1 x 1, a weight of several row tiles (K = 200, LARGE_SIZE),
+#: and transposed factors; cuda one large enough for many blocks
+SHAPES = SMALL + [((1, 1, 1), "contiguous"), ((7, 37, 129), "contiguous"), ((37, 129, 200), "contiguous"),
+                  ((5, 129, LARGE_SIZE), "contiguous"), ((7, 37, 129), "strided"), ((7, 37, 129), "transposed"),
+                  ((37, 7, 129), "strided"), ((37, 7, 129), "transposed")]
+CUDA_SHAPES = SHAPES + [((129, 257, LARGE_SIZE), "contiguous")]
 
 
-def params(n, k, dtype, seed=0):
-    gen = make_gen(seed)
-    w = torch.randn(n, k, generator=gen, dtype=torch.float64).to(dtype).requires_grad_()
-    b = torch.randn(n, generator=gen, dtype=torch.float64).to(dtype).requires_grad_()
-    return w, b
+def matrix(backend):
+    """(dtype, param dtype, shape, layout, optimizer) of every case of ``backend``."""
+    names = CUDA_OPTIMIZERS if backend == "cuda" else CPU_OPTIMIZERS
+    shapes = SMALL if small(backend) else CUDA_SHAPES if backend == "cuda" else SHAPES
+    cases = [(d, None, s, k, o) for d in dtypes(backend) for s, k in shapes for o in names]
+    if backend == "cuda":  # bfloat16 factors, float32 master parameters
+        cases += [(BF16, F32, (37, 65, 129), "contiguous", o) for o in names]
+    if backend == "triton" and device(backend).type == "cuda":
+        cases.append((BF16, F32, (33, 67, 129), "contiguous", "adamw"))
+    return cases
 
 
-def factors(rows, n, k, dtype, gen):
-    err = torch.randn(rows, n, generator=gen, dtype=torch.float64).to(dtype)
-    return err, torch.randn(rows, k, generator=gen, dtype=torch.float64).to(dtype)
+def torch_steps(make, w, b, batches, dtype, factor_dtype):
+    """torch.optim's single-tensor step on copies of (w, b) in ``dtype``, with gradients
+    formed in ``factor_dtype`` (PyTorch's own way) and cast to ``dtype``."""
+    params = [t.detach().to(dtype, copy=True).requires_grad_() for t in (w, b)]
+    opt = make(params, foreach=False)
+    for err, inp in batches:
+        err, inp = err.to(factor_dtype), inp.to(factor_dtype)
+        params[0].grad, params[1].grad = (err.t() @ inp).to(dtype), err.sum(0).to(dtype)
+        opt.step()
+    return params, opt
+
+
+def fused_steps(make, backend, w, b, batches, kind):
+    # triton's kernels also update strided parameters in place; the C++ ones refuse them
+    strided = kind == "strided" and backend == "triton"
+    params = [torch.nn.Parameter(layout(t.clone(), "strided" if strided else "contiguous")) for t in (w, b)]
+    opt = make(params)
+    for err, inp in batches:
+        with torch.no_grad():
+            ops.update(opt, [ops.LinearGrad(*params, layout(err, kind), layout(inp, kind))], backend=backend)
+    return params, opt
+
+
+def check(backend, make, w, b, batches, kind="contiguous"):
+    """Parameters and state against torch.optim's in float64, in the parameters' dtype and in float32."""
+    params, opt = fused_steps(make, backend, w, b, batches, kind)
+    runs = [torch_steps(make, w, b, batches, d, f) for d, f in ((F64, F64), (w.dtype, batches[0][0].dtype), (F32, F32))]
+    for i, (name, p) in enumerate(zip(("weight", "bias"), params)):
+        assert_matches(p.detach(), *(r[0][i].detach() for r in runs), name)
+        got, want = opt.state[p], runs[1][1].state[runs[1][0][i]]
+        assert got.keys() == want.keys(), f"{name}: state keys {list(got)} != {list(want)}"
+        for key, value in want.items():
+            assert type(got[key]) is type(value), key
+            if key == "step":
+                assert torch.equal(got[key], value) and got[key].device == value.device, key
+            else:
+                assert_matches(got[key], *(r[1].state[r[0][i]][key] for r in runs), f"{name} {key}")
+
+
+@per_backend("dtype,param_dtype,shape,kind,optimizer", matrix)
+def test_matches_torch_optim(backend, dtype, param_dtype, shape, kind, optimizer):
+    steps = 3 if backend in ("triton", "cuda") else 5
+    w, b, batches = update_inputs(*shape, dtype, device(backend), param_dtype, steps=steps)
+    check(backend, OPTIMIZERS[optimizer], w, b, batches, kind)
+
+
+@backend_param(names=("cpp", "cuda"))
+def test_tiles_a_weight_larger_than_the_workspace(backend):
+    """A weight of more than 2^22 elements is updated in several row tiles."""
+    w, b, batches = update_inputs(8, 1025, 4099, F32, device(backend), steps=2)
+    check(backend, OPTIMIZERS["adamw-eps"], w, b, batches)
+
+
+@backend_param(names=("cpp", "triton"))
+def test_first_step_overwrites_a_poisoned_momentum_buffer(backend):
+    w, _, [(err, inp)] = update_inputs(7, 37, 129, F64, steps=1)
+    want = w.clone()
+    ref_opt = SGD([want], lr=0.1, momentum=0.9)
+    want.grad = err.t() @ inp
+    ref_opt.step()
+    buf = torch.full_like(w, float("nan"))
+    kernels(backend).sgd_update_(w, err, inp, buf, 0.1, 0.9, 0.0, 0.0, False, False, True)
+    assert_matches(w, want, want, want.float(), "weight")
+    assert_matches(buf, ref_opt.state[want]["momentum_buffer"], ref_opt.state[want]["momentum_buffer"],
+                   ref_opt.state[want]["momentum_buffer"].float(), "momentum_buffer")
+
+
+@backend_param(names=("triton",))
+def test_momentum_needs_a_buffer(backend):
+    with pytest.raises(ValueError, match="momentum_buffer"):
+        kernels(backend).sgd_update_(torch.zeros(3), torch.ones(2, 3), None, None, 0.1, 0.9, 0.0, 0.0, False,
+                                     False, True)
+
+
+def assert_rel_close(got, want, rtol):
+    """max |got - want| <= rtol * max |want| (elementwise relative error is meaningless
+    where momentum or weight decay cancel to near zero)."""
+    scale = want.detach().abs().max().item()
+    assert (got.detach() - want.detach()).abs().max().item() <= rtol * max(scale, 1e-300)
 
 
 def assert_same_state(opt, ref_opt, pairs, rtol):
@@ -53,134 +164,77 @@ def assert_same_state(opt, ref_opt, pairs, rtol):
                 assert_rel_close(got[key], value, rtol)
 
 
-def assert_rel_close(got, want, rtol):
-    """max |got - want| <= rtol * max |want| (elementwise relative error is meaningless
-    where momentum or weight decay cancel to near zero)."""
-    scale = want.detach().abs().max().item()
-    assert (got.detach() - want.detach()).abs().max().item() <= rtol * max(scale, 1e-300)
-
-
-def run(make, backend, shape, dtype, steps, layout_kind="contiguous"):
-    """(fused params, optimizer), (torch.optim params, optimizer) after ``steps`` steps."""
-    rows, n, k = shape
-    w, b = params(n, k, dtype)
-    w2, b2 = (t.detach().clone().requires_grad_() for t in (w, b))
-    opt, ref_opt = make([w, b]), make([w2, b2])
-    gen = make_gen(1)
-    for _ in range(steps):
-        err, inp = factors(rows, n, k, dtype, gen)
-        with torch.no_grad():
-            ops.update(opt, [ops.LinearGrad(w, b, layout(err, layout_kind), layout(inp, layout_kind))],
-                       backend=backend)
-            ops.update(ref_opt, [ops.LinearGrad(w2, b2, err, inp)], backend="reference")
-    return opt, ref_opt, [(w, w2), (b, b2)]
-
-
-@kernel_backend
-@pytest.mark.parametrize("shape", SHAPES, ids=str)
-@pytest.mark.parametrize("name", OPTIMIZERS)
-def test_float64_matches_torch_optim(backend, name, shape):
-    opt, ref_opt, pairs = run(OPTIMIZERS[name], backend, shape, torch.float64, steps=5)
-    assert_same_state(opt, ref_opt, pairs, rtol=1e-12)
-
-
-@kernel_backend
-@pytest.mark.parametrize("kind", ["strided", "transposed"])
-def test_non_contiguous_factors(backend, kind):
-    opt, ref_opt, pairs = run(OPTIMIZERS["momentum"], backend, (7, 37, 129), torch.float64, 3, kind)
-    assert_same_state(opt, ref_opt, pairs, rtol=1e-12)
-
-
-@kernel_backend
-@pytest.mark.parametrize("name", OPTIMIZERS)
-def test_float32_one_step_within_twice_torch_error(backend, name):
-    """One float32 step against the step torch.optim takes in float64 on the same values."""
-    results = {}
-    for which, dtype in (("kernel", torch.float32), ("torch32", torch.float32), ("torch64", torch.float64)):
-        w, b = params(129, 200, torch.float32)
-        w, b = (t.detach().to(dtype).requires_grad_() for t in (w, b))
-        err, inp = (t.to(dtype) for t in factors(37, 129, 200, torch.float32, make_gen(1)))
-        with torch.no_grad():
-            ops.update(OPTIMIZERS[name]([w, b]), [ops.LinearGrad(w, b, err, inp)],
-                       backend=backend if which == "kernel" else "reference")
-        results[which] = (w.detach(), b.detach())
-    for got, want32, want64 in zip(results["kernel"], results["torch32"], results["torch64"]):
-        assert_close_to_ref(got, want64, want32)
-
-
-@kernel_backend
-def test_first_step_overwrites_a_poisoned_momentum_buffer(backend):
-    w, _ = params(37, 129, torch.float64)
-    err, inp = factors(7, 37, 129, torch.float64, make_gen(1))
-    want = w.detach().clone()
-    ref_opt = SGD([want], lr=0.1, momentum=0.9)
-    want.grad = err.t() @ inp
-    ref_opt.step()
-    buf = torch.full_like(w, float("nan"))
-    with torch.no_grad():
-        torch.ops.localprop.sgd_update_(w, err, inp, buf, 0.1, 0.9, 0.0, 0.0, False, False, True)
-    assert_rel_close(w, want, 1e-12)
-    assert_rel_close(buf, ref_opt.state[want]["momentum_buffer"], 1e-12)
-
-
-@kernel_backend
-@pytest.mark.parametrize("name", ["momentum", "adamw"])
+@per_backend("name", lambda b: ["momentum", "adamw"], names=("cpp", "triton"))
 def test_switching_with_torch_optim_and_state_dict(backend, name):
     """Fused steps, then optimizer.step(), then a state_dict round trip, then fused again:
     the same trajectory as torch.optim alone."""
     make = OPTIMIZERS[name]
-    w, b = params(37, 129, torch.float64)
+    w, b, batches = update_inputs(7, 37, 129, F64, steps=6)
+    w, b = w.requires_grad_(), b.requires_grad_()
     w2, b2 = (t.detach().clone().requires_grad_() for t in (w, b))
     opt, ref_opt = make([w, b]), make([w2, b2])
-    gen = make_gen(1)
-    for step in range(6):
+    for step, (err, inp) in enumerate(batches):
         if step == 4:
             fresh = make([w, b])
             fresh.load_state_dict(copy.deepcopy(opt.state_dict()))
             opt = fresh
-        err, inp = factors(7, 37, 129, torch.float64, gen)
         with torch.no_grad():
             ops.update(opt, [ops.LinearGrad(w, b, err, inp)], backend="reference" if step in (2, 3) else backend)
             ops.update(ref_opt, [ops.LinearGrad(w2, b2, err, inp)], backend="reference")
     assert_same_state(opt, ref_opt, [(w, w2), (b, b2)], rtol=1e-12)
 
 
-@kernel_backend
-@pytest.mark.parametrize("make", [functools.partial(torch.optim.RMSprop, lr=0.01),
-                                  functools.partial(Adam, lr=0.01, amsgrad=True)], ids=["rmsprop", "amsgrad"])
+@per_backend("make", lambda b: [functools.partial(torch.optim.RMSprop, lr=0.01),
+                                functools.partial(Adam, lr=0.01, amsgrad=True)], names=("cpp", "triton"))
 def test_unsupported_optimizer_falls_back_with_one_warning(backend, make, monkeypatch):
     monkeypatch.setattr(fused_update, "_warned", set())
+    w, b, batches = update_inputs(7, 37, 129, F64)
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        opt, ref_opt, pairs = run(make, backend, (7, 37, 129), torch.float64, steps=3)
+        params, opt = fused_steps(make, backend, w, b, batches, "contiguous")
     messages = [str(w.message) for w in caught if "fused update" in str(w.message)]
     assert len(messages) == 1 and type(opt).__name__ in messages[0] and "materialised" in messages[0]
-    assert_same_state(opt, ref_opt, pairs, rtol=0)
+    ref_params, ref_opt = fused_steps(make, "reference", w, b, batches, "contiguous")
+    assert_same_state(opt, ref_opt, list(zip(params, ref_params)), rtol=0)
 
 
-@kernel_backend
-@pytest.mark.parametrize("make", [functools.partial(SGD, lr=0.05, momentum=0.9),
-                                  functools.partial(AdamW, lr=0.003, weight_decay=0.01)], ids=["sgd", "adamw"])
-def test_greedy_training_agrees_with_reference_backend(backend, make):
+#: per backend: dtype, layers (in, out, activation), batch, steps, the two optimizers, rtol and atol
+TRAINING = {
+    "cpp": (F64, [(9, 16, "relu"), (16, 12, "relu"), (12, 4, None)], 11, 20,
+            [functools.partial(SGD, lr=0.05, momentum=0.9), functools.partial(AdamW, lr=0.003, weight_decay=0.01)],
+            1e-10, 0),
+    "triton": (F32, [(13, 33, "relu"), (33, 17, "tanh"), (17, 5, None)], 24, 3,
+               [functools.partial(SGD, lr=0.05, momentum=0.9), functools.partial(AdamW, lr=0.01, weight_decay=0.01)],
+               1e-5, 1e-6),
+    "cuda": (F32, [(20, 64, "relu"), (64, 48, "gelu"), (48, 10, None)], 65, 10,
+             [OPTIMIZERS["nesterov+wd"], OPTIMIZERS["adamw-eps"]], 1e-4, 1e-5),
+}
+
+
+@per_backend("which", lambda b: ["sgd", "adamw"], names=tuple(TRAINING))
+def test_greedy_training_agrees_with_reference_backend(backend, which):
+    dtype, layers, rows, steps, makes, rtol, atol = TRAINING[backend]
+    dev, make, classes = device(backend), makes[which == "adamw"], layers[-1][1]
     nets = {}
     for name in ("reference", backend):
         torch.manual_seed(0)  # the same nodes and the same heads (built from the global generator)
-        nets[name] = lp.LocalSequential(*mlp_nodes([9, 16, 12, 4], torch.float64), rule="greedy", num_classes=4,
-                                        optimizer=make, backend=name)
+        nodes = [lp.LocalLinear(i, o, activation=a, dtype=dtype, device=dev) for i, o, a in layers]
+        nets[name] = lp.LocalSequential(*nodes, rule="greedy", num_classes=classes, optimizer=make, backend=name)
     gen = make_gen(2)
-    for _ in range(20):
-        x, y = torch.randn(11, 9, generator=gen, dtype=torch.float64), torch.randint(0, 4, (11,), generator=gen)
-        for net in nets.values():
-            net.train_step(x, y)
+    for step in range(steps):
+        x = torch.randn(rows, layers[0][0], generator=gen, dtype=dtype).to(dev)
+        y = torch.randint(0, classes, (rows,), generator=gen).to(dev)
+        losses = {name: net.train_step(x, y).losses for name, net in nets.items()}
+        for node, loss in losses["reference"].items():
+            assert losses[backend][node] == pytest.approx(loss, rel=max(rtol, 1e-12), abs=atol), f"step {step}"
     for p, q in zip(nets[backend].parameters(), nets["reference"].parameters()):
-        assert_rel_close(p, q, 1e-10)
+        torch.testing.assert_close(p, q, rtol=rtol, atol=atol)
 
 
-@kernel_backend
+@backend_param(names=("cpp",))
 @pytest.mark.parametrize("with_inp", [True, False], ids=["weight", "bias"])
 def test_rejects_bad_arguments(backend, with_inp):
-    w, b = params(37, 129, torch.float64)
-    err, inp = factors(7, 37, 129, torch.float64, make_gen(1))
+    w, b, [(err, inp)] = update_inputs(7, 37, 129, F64, steps=1)
     with pytest.raises(RuntimeError, match=r"err must be \[B, 37\]"):
         torch.ops.localprop.sgd_update_(w if with_inp else b, err[:, :5], inp if with_inp else None, None,
                                         0.1, 0.0, 0.0, 0.0, False, False, False)
@@ -189,36 +243,37 @@ def test_rejects_bad_arguments(backend, with_inp):
                                          0.1, 0.9, 0.999, 1e-8, 0.0, False, False, 0)
 
 
-def sgd_args(with_inp):
-    w, b = params(37, 13, torch.float64)
-    err, inp = factors(7, 37, 13, torch.float64, make_gen(1))
-    p = (w if with_inp else b).detach()
-    return (p, err, inp if with_inp else None, torch.randn_like(p), 0.1, 0.9, 0.1, 0.01, False, False, False)
+def samples(backend, with_inp):
+    """(sgd_update_, its args), (adam_update_, its args) of ``backend`` for a weight or a bias."""
+    kernels(backend)  # registers the triton ops
+    suffix = "triton" if backend == "triton" else ""
+    w, b, [(err, inp)] = update_inputs(7, 37, 13, F64 if backend == "cpp" else F32, device(backend), steps=1)
+    p, inp = (w, inp) if with_inp else (b, None)
+    sgd = (p.clone(), err, inp, torch.randn_like(p), 0.1, 0.9, 0.1, 0.01, False, False, False)
+    adam = (p.clone(), err, inp, torch.randn_like(p), torch.rand_like(p), 0.01, 0.9, 0.999, 1e-8, 0.01, True, False, 3)
+    L = torch.ops.localprop
+    return (getattr(L, "sgd_update_" + suffix).default, sgd), (getattr(L, "adam_update_" + suffix).default, adam)
 
 
-def adam_args(with_inp):
-    p, err, inp, _, *rest = sgd_args(with_inp)
-    return (p, err, inp, torch.randn_like(p), torch.rand_like(p), 0.01, 0.9, 0.999, 1e-8, 0.01, True, False, 3)
-
-
-@kernel_backend
-@pytest.mark.parametrize("with_inp", [True, False], ids=["weight", "bias"])
+@per_backend("with_inp", lambda b: [True, False], names=("cpp", "triton", "cuda"))
 def test_opcheck(backend, with_inp):
-    torch.library.opcheck(torch.ops.localprop.sgd_update_.default, sgd_args(with_inp))
-    torch.library.opcheck(torch.ops.localprop.adam_update_.default, adam_args(with_inp))
+    for op, args in samples(backend, with_inp):
+        torch.library.opcheck(op, args, **opcheck_utils(backend))
 
 
-@kernel_backend
-def test_compiles_fullgraph(backend):
-    def step(sgd, adam):
-        torch.ops.localprop.sgd_update_(*sgd)
-        torch.ops.localprop.adam_update_(*adam)
+@per_backend("with_inp", lambda b: [True, False], names=("cpp", "cuda"))
+def test_compiles_fullgraph(backend, with_inp):
+    eager = samples(backend, with_inp)
+    traced = [(op, tuple(a.clone() if isinstance(a, torch.Tensor) else a for a in args)) for op, args in eager]
 
-    eager = (sgd_args(True), adam_args(False))
-    traced = [tuple(a.clone() if isinstance(a, torch.Tensor) else a for a in args) for args in eager]
+    def step(*calls):
+        for op, args in calls:
+            op(*args)
+
     step(*eager)
+    torch._dynamo.reset()
     torch.compile(step, fullgraph=True)(*traced)
-    for args, compiled in zip(eager, traced):
+    for (_, args), (_, compiled) in zip(eager, traced):
         for a, b in zip(args, compiled):
             if isinstance(a, torch.Tensor):
                 assert torch.equal(a, b)
