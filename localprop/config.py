@@ -10,8 +10,8 @@ Keys (all optional; defaults in :data:`DEFAULTS`):
     model        {mlp = [in, h1, ..., classes]} (localprop.mlp: LocalLinear nodes, ReLU but the last) |
                  {module = "module:function", nodes = K, kwargs = {...}} (an nn.Sequential
                  made local with localize(..., nodes=K))
-    rule         "greedy" | {name = "sgr", lam = 0.1, ...} (a name of localprop.rules.REGISTRY and
-                 the rule class's keyword arguments)
+    rule         "greedy" | {name = "sgr", lam = 0.1, ...} (a name of localprop.rules.REGISTRY, or
+                 "module:Class" of a Rule of one's own, and the rule's keyword arguments)
     optimizer    {name = "sgd" | "adam" | "adamw", <torch.optim keyword arguments>}
     epochs, batch_size, seed, backend, test_fraction
     distributed  {mode = "sync" | "async", staleness = 1, partition = "cost" | [nodes per rank],
@@ -263,12 +263,19 @@ def rule(cfg: dict[str, Any]) -> rules.Rule:
     """The rule object the config names, built by localprop.rules.REGISTRY with its
     keyword arguments."""
     name, kwargs = _name_and_kwargs("rule", cfg["rule"])
-    if name not in rules.REGISTRY:
-        raise ConfigError("rule", f"one of {', '.join(rules.REGISTRY)}", name)
+    if ":" in name:  # a rule of the user's own, "module:Class"
+        make = import_target("rule", name)
+    elif name in rules.REGISTRY:
+        make = rules.REGISTRY[name]
+    else:
+        raise ConfigError("rule", f'one of {", ".join(rules.REGISTRY)}, or "module:Class" of a Rule', name)
     try:
-        return rules.REGISTRY[name](**kwargs)
+        made = make(**kwargs)
     except (TypeError, ValueError) as exc:
         raise ConfigError("rule", f"keyword arguments of rule {name!r} ({exc})", kwargs) from None
+    if not isinstance(made, rules.Rule):
+        raise ConfigError("rule", "a localprop.rules.Rule", made)
+    return made
 
 
 def optimizer(cfg: dict[str, Any]) -> Callable:

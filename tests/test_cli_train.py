@@ -112,3 +112,13 @@ def test_resume_is_bit_for_bit(tmp_path, rule):
 def test_resume_without_checkpoint_is_an_error(tmp_path, capsys):
     assert main(["train", *SMALL, "--resume", "--checkpoint", str(tmp_path / "none.pt")]) == 2
     assert "config key '--checkpoint': expected an existing checkpoint file" in capsys.readouterr().err
+
+
+def test_a_rule_of_ones_own_by_module_and_class(tmp_path, capsys):
+    args = ["train", *SMALL, "--json", str(tmp_path / "r.json"), "--quiet"]
+    assert main([*args, "--rule", "tests.rules.example_rule:HardExampleGreedy", "--rule-kwargs",
+                 '{"smoothing": 0.2}']) == 0
+    assert main([*args, "--rule", "tests.rules.example_rule:no_such_rule"]) == 2
+    assert "config key 'rule': expected an importable \"module:function\"" in capsys.readouterr().err
+    assert main([*args, "--rule", "torch.nn:Linear", "--rule-kwargs", '{"in_features": 1, "out_features": 1}']) == 2
+    assert "expected a localprop.rules.Rule" in capsys.readouterr().err

@@ -317,3 +317,13 @@ def test_a_rank_exits_without_gloo_threads(tmp_path):
                           text=True, timeout=300)
     assert done.returncode == 0, done.stderr
     assert done.stdout.strip() == ""
+
+
+def test_a_rule_of_one_file_trains_on_two_ranks_as_in_one_process(tmp_path):
+    """tests/rules/example_rule.py declares a forward message; nothing in localprop knows it."""
+    rule = '"tests.rules.example_rule:HardExampleGreedy"'
+    (tmp_path / "single.json").write_text(f'{{"rule": {rule}}}')
+    (tmp_path / "c.json").write_text(f'{{"rule": {rule}, "distributed": {{"partition": [1, 2]}}}}')
+    single = train(tmp_path, "single", "--config", str(tmp_path / "single.json"))
+    dist_path = train(tmp_path, "dist", "--ranks", "2", "--config", str(tmp_path / "c.json"))
+    assert_same_nodes(single, dist_path, 2)

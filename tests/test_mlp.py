@@ -112,5 +112,6 @@ def test_unknown_rule_lists_the_names_once():
     assert str(info.value) == f"unknown rule 'nope'; expected a Rule instance or one of {names}"
     with pytest.raises(config.ConfigError) as info:
         config.rule({"rule": "nope"})
-    assert str(info.value) == f"config key 'rule': expected one of {names}, received 'nope' (str)"
+    assert str(info.value) == (f"config key 'rule': expected one of {names}, or \"module:Class\" of a Rule, "
+                               f"received 'nope' (str)")
     assert str(info.value).count("greedy") == 1

@@ -28,9 +28,22 @@ class StepResult:
         return f"StepResult(step={self.step}, losses={{{losses}}})"
 
 
+@dataclass(frozen=True)
+class Messages:
+    """What a rule's node steps send across node boundaries, declared as data: the pipeline
+    across processes (localprop.distributed) derives its traffic from it, so a new rule
+    trains distributed without code there."""
+    forward: bool = False   #: NodeStep.forward, shaped like the node's output h, to node k+1
+    backward: bool = False  #: NodeStep.backward, per-sample [B], to node k-1, taken in by Rule.absorb
+    #: "step": before every step, a matrix from the later nodes readies the earlier ones
+    #: (Rule.prepare, Rule.top_shape: BLL's prototypes); "once": the same at the start of a run
+    top_down: str | None = None
+
+
 class Rule(abc.ABC):
     """A learning rule. Subclasses set ``name`` and ``uses_heads`` and implement
-    :meth:`train_step`."""
+    :meth:`train_step`; a rule whose nodes can update apart (a LocalRule) also declares its
+    :attr:`messages` and offers the hooks they need, which is all the pipeline asks of it."""
 
     name: ClassVar[str]
     #: True if nodes other than the last need an auxiliary head (built by the engine)
@@ -58,6 +71,35 @@ class Rule(abc.ABC):
     @abc.abstractmethod
     def train_step(self, net: LocalSequential, x: torch.Tensor, y: torch.Tensor, step: int) -> StepResult:
         """Train every node of ``net`` once on the batch (x, y); x and y are validated."""
+
+    # ---- what a pipeline across processes needs (localprop.distributed) ----------------
+    #: the messages the node steps send (see Messages)
+    messages: ClassVar[Messages] = Messages()
+
+    def not_decoupled(self) -> str | None:
+        """Why the nodes cannot update apart (every step needs all of them), or None."""
+        return f"rule {self.name!r} takes no step node by node (it has no node_step)"
+
+    def is_global(self, step: int) -> bool:
+        """True if ``step`` is one end-to-end backprop step through every node (PGL)."""
+        return False
+
+    def prepare(self, net, nodes: range, top: torch.Tensor | None) -> tuple[dict[int, Any], torch.Tensor | None]:
+        """For ``messages.top_down``: ready ``nodes`` (a contiguous run) for the next step
+        from ``top``, the matrix the nodes after them sent (None when they end the chain);
+        returns (the message each of them receives in node_step, the matrix for the nodes
+        before them, None when they start the chain)."""
+        raise NotImplementedError(f"rule {self.name!r} sends no top-down message")
+
+    def top_shape(self, net, last: int) -> tuple[int, ...]:
+        """The shape of the top-down matrix the nodes ending at ``last`` receive, from sizes
+        known without the later nodes' tensors."""
+        raise NotImplementedError(f"rule {self.name!r} sends no top-down message")
+
+    def node_state(self, net, k: int) -> list[torch.Tensor]:
+        """Tensors the rule keeps for node k outside the node (feedback nets, maps): only
+        node k's process needs them."""
+        return []
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}()"
@@ -95,6 +137,9 @@ class LocalRule(Rule):
     def node_step(self, net: LocalSequential, k: int, u: torch.Tensor, y: torch.Tensor,
                   message: Any, step: int) -> NodeStep:
         """Train node k on input u (detached) with the message it receives (see the class)."""
+
+    def not_decoupled(self) -> str | None:
+        return None
 
     def before_step(self, net: LocalSequential, step: int) -> dict[int, Any]:
         """Messages computed before the loop, by node (BLL's prototypes); default none."""

@@ -13,7 +13,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..errors import check_callable, check_float
-from .base import LocalRule, NodeStep
+from .base import LocalRule, Messages, NodeStep
 
 OptimizerFactory = Callable[[Iterable[nn.Parameter]], torch.optim.Optimizer]
 
@@ -57,6 +57,7 @@ class BLL(LocalRule):
     """
 
     name = "bll"
+    messages = Messages(top_down="step")  # the prototypes P [classes, D] at a run's first node
     uses_heads = True
     figures = ("feedback_loss",)
 
@@ -103,6 +104,15 @@ class BLL(LocalRule):
     def before_step(self, net, step):
         """Each node k < K's message: P_{k+1}, from :meth:`prototypes`, before the forward pass."""
         return self.prototypes(net)[0]
+
+    def prepare(self, net, nodes, top):
+        return self.prototypes(net, top, nodes)
+
+    def top_shape(self, net, last):  # from the feedback nets' sizes: later ones may be released
+        return net.num_classes, net.rule_state.feedback[last].in_features
+
+    def node_state(self, net, k):
+        return list(net.rule_state.feedback[k].parameters()) if k < len(net.nodes) - 1 else []
 
     def node_step(self, net, k: int, u: torch.Tensor, y: torch.Tensor, message: torch.Tensor | None,
                   step: int) -> NodeStep:

@@ -34,6 +34,11 @@ class BP(Rule):
         self.segment = None if segment is None else check_int("BP", "segment", segment, 1)
         self.name = "bp+checkpoint" if checkpoint else "bp"
 
+    def not_decoupled(self) -> str:
+        return (f"rule {self.name!r} needs global backpropagation through every node at every step, so its "
+                f"nodes cannot update apart: train it in one process, or pipeline it with "
+                f"torch.distributed.pipelining")
+
     def forward_loss(self, net, x, y) -> torch.Tensor:
         """Sum of the goal losses with the whole autograd graph kept (or checkpointed).
         x, y: tensors (LocalSequential) or dicts of them (LocalGraph)."""

@@ -11,7 +11,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..errors import check_callable, check_int
-from .base import LocalRule, NodeStep
+from .base import LocalRule, Messages, NodeStep
 
 CriticFactory = Callable[[tuple[int, ...], int], nn.Module]
 OptimizerFactory = Callable[[Iterable[nn.Parameter]], torch.optim.Optimizer]
@@ -78,6 +78,7 @@ class Critic(LocalRule):
     """
 
     name = "critic"
+    messages = Messages(backward=True)  # the per-sample losses ℓ_k [B]
     uses_heads = True
     figures = ("critic_gap",)
 

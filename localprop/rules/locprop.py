@@ -44,7 +44,7 @@ from torch import nn
 
 from ..errors import check_bool, check_choice, check_finite, check_float, check_int
 from ..topology import Topology, gather, goal_loss
-from .base import Rule, StepResult
+from .base import Messages, NodeStep, Rule, StepResult
 
 PROPAGATIONS = ("transpose", "feedback", "inverse")
 MODES = ("sync", "decoupled")
@@ -285,16 +285,42 @@ class LocProp(Rule):
         return m
 
     @torch.no_grad()
-    def node_step(self, net, k: int, u: torch.Tensor, y: torch.Tensor, step: int) -> tuple[torch.Tensor, torch.Tensor]:
+    def node_step(self, net, k: int, u: torch.Tensor, y: torch.Tensor, message, step: int) -> NodeStep:
         """Node k's decoupled step on a chain, alone: what a pipeline stage runs, once
-        :meth:`chain_composites` has set node k's composite map for this step.
-        u: [B, K] node k's input; y: int64 [B]. Returns (h [B, N], its local loss)."""
+        :meth:`prepare` has set node k's composite map for this step (``message`` unused).
+        u: [B, K] node k's input; y: int64 [B]. Returns NodeStep(h [B, N], its local loss)."""
         if self.mode != "decoupled":
             raise ValueError(f"LocProp.node_step runs decoupled LocProp only, not {self!r}")
         topo = net.topology()
         _, targets = net.feeds(u, y)
         codes = {g: self._code(topo, g, targets[goal.target]) for g, goal in topo.goals.items()}
-        return self._decoupled_node(net, topo, topo.order[k], u, codes, targets, step, lambda fn, *a: fn(*a))
+        return NodeStep(*self._decoupled_node(net, topo, topo.order[k], u, codes, targets, step,
+                                              lambda fn, *a: fn(*a)))
+
+    # in a pipeline: a node's goal is the labels' code through its composite map, which
+    # chains through the maps of every later node; learned maps (transpose: the weights;
+    # inverse) change every step, so the composite at a stage's first node travels back
+    # every step, [classes, N]; fixed feedback maps never change: once, at the start
+    @property
+    def messages(self) -> Messages:
+        return Messages(top_down="once" if self.propagation == "feedback" else "step")
+
+    def not_decoupled(self) -> str | None:
+        if self.mode == "decoupled":
+            return None
+        return (f"rule {self.name!r} in sync mode needs global backpropagation of top-down error vectors through "
+                f"every node at every step, so its nodes cannot update apart: use mode='decoupled' to train it "
+                f"distributed, or train it in one process")
+
+    def prepare(self, net, nodes, top):
+        return {}, self.chain_composites(net, top, nodes)
+
+    def top_shape(self, net, last):  # from the nodes' shapes: later nodes' weights may be released
+        return net.nodes[-1].output_shape[0], net.nodes[last].output_shape[0]
+
+    def node_state(self, net, k):
+        maps = net.rule_state.maps
+        return [maps[net.nodes[k].name]] if net.nodes[k].name in maps else []
 
     @staticmethod
     def _code(topo, goal: str, target: torch.Tensor) -> torch.Tensor:

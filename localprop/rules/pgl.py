@@ -5,6 +5,8 @@ the final loss only) is the library's own reading of its abstract.
 """
 from __future__ import annotations
 
+import torch
+
 from ..errors import check_bool, check_choice, check_int, received
 from .base import Rule, StepResult
 from .bp import BP
@@ -50,6 +52,34 @@ class PGL(Rule):
 
     def is_global(self, step: int) -> bool:
         return step % self.period == self.period - 1
+
+    # in a pipeline: the local rule's messages and hooks, and the global steps' forward
+    @property
+    def messages(self):
+        return self.local.messages
+
+    def not_decoupled(self):
+        return self.local.not_decoupled()
+
+    def node_step(self, net, k, u, y, message, step):
+        return self.local.node_step(net, k, u, y, message, step)
+
+    def absorb(self, net, k, h, y, back, step):
+        return self.local.absorb(net, k, h, y, back, step)
+
+    def prepare(self, net, nodes, top):
+        return self.local.prepare(net, nodes, top)
+
+    def top_shape(self, net, last):
+        return self.local.top_shape(net, last)
+
+    def node_state(self, net, k):
+        return self.local.node_state(net, k)
+
+    def global_forward(self, nodes: list, u: torch.Tensor, total: int) -> torch.Tensor:
+        """``nodes``' output on u [B, ...] with the autograd graph kept, checkpointed as the
+        global steps are in one process (``total``: the chain's node count)."""
+        return self.global_rule.run_chain(nodes, u, total)
 
     def train_step(self, net, x, y, step) -> StepResult:
         is_global = self.is_global(step)

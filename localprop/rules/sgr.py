@@ -9,7 +9,7 @@ import torch
 
 from ..errors import check_choice, check_float
 from ..nodes import InputGradPenalty
-from .base import LocalRule, NodeStep
+from .base import LocalRule, Messages, NodeStep
 
 DISTANCES = ("l2", "cosine")
 MODES = ("auto", "exact", "finite_difference")
@@ -55,6 +55,7 @@ class SGR(LocalRule):
     """
 
     name = "sgr"
+    messages = Messages(forward=True)  # G_out, shaped like h
     uses_heads = True
     figures = ("discord",)
 
