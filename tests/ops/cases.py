@@ -236,3 +236,10 @@ def opcheck_utils(backend: str) -> dict:
     if interpreted(backend):
         return {"test_utils": ("test_schema", "test_autograd_registration", "test_faketensor")}
     return {}
+
+
+def assert_compiles_fullgraph(op, args) -> None:
+    """``op(*args)`` under torch.compile(fullgraph=True) gives exactly the eager result."""
+    torch._dynamo.reset()
+    compiled = torch.compile(lambda *a: op(*a), fullgraph=True)
+    torch.testing.assert_close(compiled(*args), op(*args), rtol=0, atol=0)

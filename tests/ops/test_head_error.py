@@ -6,8 +6,9 @@ import pytest
 import torch
 
 from localprop import ops
-from tests.ops.cases import (ACTIVATIONS, BF16, F32, F64, LARGE_SIZE, assert_matches, backend_param, device, dtypes,
-                             head_inputs, kernels, layout, opcheck_utils, per_backend, references, small)
+from tests.ops.cases import (ACTIVATIONS, BF16, F32, F64, LARGE_SIZE, assert_compiles_fullgraph, assert_matches,
+                             backend_param, device, dtypes, head_inputs, kernels, layout, opcheck_utils, per_backend,
+                             references, small)
 
 #: (B, N, C or None for no head, head bias, K of the message or None), small enough for
 #: Triton's interpreter
@@ -106,7 +107,4 @@ def test_opcheck(backend, activation, head):
 
 @per_backend("activation,head", lambda b: SAMPLES, names=("cpp", "cuda"))
 def test_compiles_fullgraph(backend, activation, head):
-    op, args = sample(backend, activation, head)
-    torch._dynamo.reset()
-    compiled = torch.compile(lambda *a: op(*a), fullgraph=True)
-    torch.testing.assert_close(compiled(*args), op(*args), rtol=0, atol=0)
+    assert_compiles_fullgraph(*sample(backend, activation, head))

@@ -7,8 +7,9 @@ import torch
 
 from localprop import ops
 from localprop.ops import activation as act
-from tests.ops.cases import (ACTIVATIONS, BF16, F32, F64, LARGE_SIZE, assert_matches, backend_param, device,
-                             kernels, opcheck_utils, per_backend, small, references, transform_inputs, dtypes, layout)
+from tests.ops.cases import (ACTIVATIONS, BF16, F32, F64, LARGE_SIZE, assert_compiles_fullgraph, assert_matches,
+                             backend_param, device, kernels, opcheck_utils, per_backend, small, references,
+                             transform_inputs, dtypes, layout)
 
 #: (B, K, N): small enough for Triton's interpreter, every odd size in several positions
 SMALL = [(1, 7, 37), (37, 129, 7), (7, 1, 129), (129, 37, 1)]
@@ -78,7 +79,4 @@ def test_opcheck(backend, activation, bias):
 
 @per_backend("activation,bias", lambda b: SAMPLES, names=("cpp", "cuda"))
 def test_compiles_fullgraph(backend, activation, bias):
-    op, args = sample(backend, activation, bias)
-    torch._dynamo.reset()
-    compiled = torch.compile(lambda *a: op(*a), fullgraph=True)
-    torch.testing.assert_close(compiled(*args), op(*args), rtol=0, atol=0)
+    assert_compiles_fullgraph(*sample(backend, activation, bias))
