@@ -11,7 +11,7 @@ PIP := $(PY) -m pip
 STAMP := $(VENV)/.localprop-installed
 SOURCES := $(wildcard csrc/*.cpp csrc/*.h csrc/cpu/*.cpp csrc/cuda/*.cu csrc/cuda/*.cuh) setup.py pyproject.toml
 
-.PHONY: demo test bench build clean asan
+.PHONY: demo test bench build clean asan gpu-check
 
 demo: $(STAMP)
 	$(VENV)/bin/localprop demo
@@ -31,7 +31,7 @@ $(PY):
 # torch first and alone, pinned, so that nothing later resolves it to a CUDA build
 $(STAMP): $(PY) $(SOURCES)
 	$(PIP) install -q "$(TORCH)" $(TORCH_ARGS)
-	$(PIP) install -q "setuptools>=69" wheel numpy tqdm scikit-learn matplotlib pytest pytest-benchmark hypothesis triton==3.9.0 mnist1d
+	$(PIP) install -q "setuptools>=77" wheel numpy tqdm scikit-learn matplotlib pytest pytest-benchmark hypothesis triton==3.9.0 mnist1d
 	$(PIP) install -q --no-build-isolation --no-deps -e .
 	touch $(STAMP)
 
@@ -59,6 +59,12 @@ asan: $(STAMP)
 		"import localprop._C as c; print('sanitized extension:', c.__file__); assert '$(ASAN_DIR)' in c.__file__"
 	cd $(ASAN_DIR) && $(ASAN_ENV) $(abspath $(PY)) -m pytest -q -p no:cacheprovider --capture=sys \
 		tests/ops -m "not gpu" --ignore=tests/ops/test_cuda_compile.py
+
+# On a GPU machine, with that machine's own python (a CUDA torch, triton, nvcc; no network
+# and no venv): build the CUDA ops in place, run the GPU tests and the GPU suite. Results
+# under $OUT, else out/gpu. GPU_CHECK_ARGS passes options (--quick, --skip-build, --sizes).
+gpu-check:
+	PYTHONUNBUFFERED=1 $(PYTHON) bench/gpu_check.py $(GPU_CHECK_ARGS)
 
 clean:
 	rm -rf build $(VENV) *.egg-info localprop/_C*.so

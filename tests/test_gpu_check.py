@@ -1,0 +1,312 @@
+"""bench/gpu_check.py on CPU: everything of the GPU check that runs without a GPU.
+
+The stages' plumbing (plan, dry run, stop at the first failure, time limits), the size
+lists, the CSV and summary writers, the message on a machine without CUDA, and the bench
+stage itself rehearsed on CPU backends at a tiny size.
+"""
+import csv
+import importlib.util
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+ROOT = Path(__file__).resolve().parent.parent
+SCRIPT = ROOT / "bench" / "gpu_check.py"
+
+
+def _load():
+    spec = importlib.util.spec_from_file_location("gpu_check", SCRIPT)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules.setdefault("gpu_check", module)  # dataclasses look their module up there
+    spec.loader.exec_module(module)
+    return module
+
+
+gc = _load()
+
+
+def run_script(*args, env=None, timeout=60):
+    """The script as `make gpu-check` runs it, in a child process."""
+    full_env = {**os.environ, **(env or {})}
+    return subprocess.run([sys.executable, str(SCRIPT), *args], capture_output=True, text=True, cwd=ROOT,
+                          env=full_env, timeout=timeout)
+
+
+# ---- arguments and sizes -------------------------------------------------------------
+def test_default_sizes_are_bounded_and_span_the_range():
+    sizes = gc.sizes_for(gc.parse_args([]))
+    assert 1 < len(sizes) <= gc.MAX_SIZES
+    widths, batches = {w for w, _ in sizes}, {b for _, b in sizes}
+    assert min(widths) == 512 and max(widths) == 8192
+    assert min(batches) == 256 and max(batches) == 8192
+    assert gc.MEMORY_SIZE in sizes
+
+
+def test_quick_sizes_are_fewer_and_smaller():
+    default, quick = gc.sizes_for(gc.parse_args([])), gc.sizes_for(gc.parse_args(["--quick"]))
+    assert len(quick) < len(default)
+    assert sum(w * w * b for w, b in quick) < sum(w * w * b for w, b in default) / 10
+
+
+def test_sizes_option_wins_and_is_parsed():
+    args = gc.parse_args(["--quick", "--sizes", "1024x256", "4096X4096"])
+    assert gc.sizes_for(args) == [(1024, 256), (4096, 4096)]
+
+
+@pytest.mark.parametrize("bad", ["1024", "axb", "1024x0", "16384x256", "1x2x3"])
+def test_bad_sizes_are_refused(bad, capsys):
+    with pytest.raises(SystemExit) as exc:
+        gc.parse_args(["--sizes", bad])
+    assert exc.value.code == 2
+    assert "--sizes" in capsys.readouterr().err
+
+
+def test_too_many_sizes_are_refused(capsys):
+    with pytest.raises(SystemExit):
+        gc.parse_args(["--sizes", *["512x256"] * (gc.MAX_SIZES + 1)])
+    assert f"at most {gc.MAX_SIZES}" in capsys.readouterr().err
+
+
+def test_timeout_must_be_positive(capsys):
+    with pytest.raises(SystemExit):
+        gc.parse_args(["--timeout", "0"])
+    assert "--timeout" in capsys.readouterr().err
+
+
+def test_out_defaults_to_env_out_then_out_gpu(monkeypatch, tmp_path):
+    monkeypatch.setenv("OUT", str(tmp_path))
+    assert gc.parse_args([]).out == tmp_path
+    monkeypatch.delenv("OUT")
+    monkeypatch.chdir(tmp_path)
+    assert gc.parse_args([]).out == tmp_path / "out" / "gpu"  # absolute: the stages run elsewhere
+    assert gc.parse_args(["--out", "x"]).out == tmp_path / "x"
+
+
+def test_memory_size_prefers_4096_else_a_moderate_listed_size():
+    assert gc.memory_size(gc.DEFAULT_SIZES) == (4096, 4096)
+    assert gc.memory_size([(512, 256), (2048, 2048)]) == (2048, 2048)
+    assert gc.memory_size([(8192, 8192), (1024, 512)]) == (1024, 512)
+    assert gc.memory_size([(8192, 8192)]) == (8192, 8192)
+
+
+# ---- the plan ------------------------------------------------------------------------
+def test_plan_lists_every_stage_in_order(tmp_path):
+    args = gc.parse_args(["--out", str(tmp_path)])
+    assert [s.name for s in gc.plan(args)] == ["env", "build", "tests", "bench"]
+    assert [s.name for s in gc.plan(gc.parse_args(["--skip-build"]))] == ["env", "tests", "bench"]
+
+
+def test_build_targets_only_the_present_gpu():
+    build = gc.build_stage((9, 0))
+    assert build.env["TORCH_CUDA_ARCH_LIST"] == "9.0"
+    assert build.env["MAX_JOBS"] == str(os.cpu_count())
+    assert "LOCALPROP_NO_EXTENSION" in build.unset
+    assert build.commands[0][1:] == ["setup.py", "build_ext", "--inplace"]
+
+
+def test_tests_stage_has_a_per_test_timeout_and_junit(tmp_path):
+    cmd = gc.pytest_command(tmp_path)
+    assert cmd[cmd.index("-m", 3) + 1] == "gpu"
+    assert f"--junitxml={tmp_path / 'junit.xml'}" in cmd
+    assert f"faulthandler_timeout={gc.TEST_TIMEOUT}" in cmd
+    has_plugin = importlib.util.find_spec("pytest_timeout") is not None
+    assert (f"--timeout={gc.TEST_TIMEOUT}" in cmd) == has_plugin
+
+
+def test_gpu_stages_do_not_run_triton_interpreted():
+    for stage in gc.plan(gc.parse_args([])):
+        if stage.name != "build":
+            assert "TRITON_INTERPRET" in stage.unset
+            assert "TRITON_INTERPRET" not in gc.child_env(stage)
+
+
+def test_dry_run_lists_every_stage_and_runs_nothing(tmp_path):
+    out = tmp_path / "out"
+    result = run_script("--dry-run", "--out", str(out))
+    assert result.returncode == 0, result.stderr
+    text = result.stdout
+    for name in ("[env]", "[build]", "[tests]", "[bench]"):
+        assert name in text
+    assert "setup.py build_ext --inplace" in text and "TORCH_CUDA_ARCH_LIST=" in text
+    assert "-m gpu" in text and "--junitxml=" in text
+    assert "--stage bench" in text and "8192x8192" in text
+    assert not out.exists()  # nothing was run or written
+
+
+def test_dry_run_with_options(tmp_path):
+    result = run_script("--dry-run", "--skip-build", "--quick", "--out", str(tmp_path / "o"))
+    assert result.returncode == 0
+    assert "[build]" not in result.stdout
+    assert "--quick" in result.stdout and "2048x2048" in result.stdout and "8192x8192" not in result.stdout
+
+
+# ---- running stages ----------------------------------------------------------------
+def fake(name, code):
+    return gc.Stage(name, f"fake {name}", [[sys.executable, "-c", code]], limit=30)
+
+
+def test_stops_at_the_first_failing_stage_and_shows_its_log(tmp_path, capsys):
+    marker = tmp_path / "third-ran"
+    stages = [fake("one", "print('first fine')"),
+              fake("two", "import sys; print('line a'); print('it broke here'); sys.exit(3)"),
+              fake("three", f"open({str(marker)!r}, 'w')")]
+    results = gc.run_stages(stages, tmp_path, budget=60)
+    assert [(r.name, r.ok) for r in results] == [("one", True), ("two", False)]
+    assert not marker.exists()
+    assert "exit status 3" in results[1].message
+    out = capsys.readouterr().out
+    assert "stage two FAILED" in out and "it broke here" in out
+    assert "line a\nit broke here\n" in (tmp_path / "logs" / "two.log").read_text()
+    assert "first fine" in (tmp_path / "logs" / "one.log").read_text()
+
+
+def test_a_stage_past_its_limit_is_stopped(tmp_path):
+    stage = fake("slow", "import time; print('started', flush=True); time.sleep(60)")
+    stage.limit = 0.5
+    (result,) = gc.run_stages([stage], tmp_path, budget=60)
+    assert not result.ok and "timed out" in result.message
+    assert "started" in result.log.read_text()
+
+
+def test_the_whole_budget_bounds_the_stages(tmp_path):
+    stage = fake("slow", "import time; time.sleep(60)")
+    (result,) = gc.run_stages([stage], tmp_path, budget=0.5)
+    assert not result.ok and "timed out" in result.message
+
+
+def test_a_command_that_cannot_start_fails_its_stage(tmp_path):
+    stage = gc.Stage("missing", "absent tool", [[str(tmp_path / "no-such-tool")]])
+    (result,) = gc.run_stages([stage], tmp_path, budget=10)
+    assert not result.ok and "could not start" in result.message
+
+
+def test_next_stages_replace_the_rest_after_a_pass(tmp_path):
+    seen = []
+    later = fake("later", "print('later ran')")
+
+    def after(result):
+        seen.append(result.name)
+        return [later] if result.name == "first" else []
+
+    results = gc.run_stages([fake("first", "pass"), fake("placeholder", "raise SystemExit(9)")], tmp_path, 30, after)
+    assert [r.name for r in results] == ["first", "later"] and all(r.ok for r in results)
+    assert seen == ["first", "later"]
+
+
+def test_without_cuda_the_check_says_so(tmp_path):
+    """On this machine (no GPU) the env stage stops the check with a sentence, not a traceback."""
+    if torch.cuda.is_available():
+        pytest.skip("a CUDA device is visible")
+    result = run_script("--out", str(tmp_path), "--skip-build", env={"CUDA_VISIBLE_DEVICES": ""})
+    assert result.returncode != 0
+    assert "no CUDA device" in result.stdout and "Traceback" not in result.stdout + result.stderr
+    assert "stage env FAILED" in result.stdout
+    assert not (tmp_path / "logs" / "tests.log").exists()  # later stages never ran
+    assert "env" in (tmp_path / "summary.md").read_text()
+
+
+# ---- results files -----------------------------------------------------------------
+def row(**values):
+    base = {c: "" for c in gc.COLUMNS}
+    base.update(threads="2", device="dev", torch="t", triton="tr", git_sha="abc", date="2024-01-01")
+    return {**base, **values}
+
+
+def test_results_csv_has_exactly_the_columns(tmp_path):
+    path = tmp_path / "results.csv"
+    rows = [row(case="torch_loop", provider="pytorch", shape="512x256", dtype="fp32", median_ms="1.5000",
+                p20_ms="1.4", p80_ms="1.6", ratio="1.0000"),
+            row(case="greedy_step", provider="cuda", shape="512x256", dtype="fp32", median_ms="0.7500",
+                ratio="0.5000")]
+    gc.write_rows(path, rows[:1])
+    gc.write_rows(path, rows[1:])  # appending keeps one header
+    with path.open(newline="") as f:
+        reader = csv.DictReader(f)
+        assert tuple(reader.fieldnames) == gc.COLUMNS
+        back = list(reader)
+    assert back == rows
+    assert gc.COLUMNS == ("case", "provider", "shape", "dtype", "threads", "device", "median_ms", "p20_ms",
+                          "p80_ms", "ratio", "torch", "triton", "git_sha", "date")
+
+
+def test_rows_are_written_with_exactly_the_columns_given(tmp_path):
+    gc.write_rows(tmp_path / "r.csv", [{"case": "c", "extra": "dropped"}])
+    (back,) = gc.read_rows(tmp_path / "r.csv")
+    assert tuple(back) == gc.COLUMNS and back["case"] == "c" and back["median_ms"] == ""
+
+
+def test_summary_tables_read_back(tmp_path):
+    gc.write_rows(tmp_path / "results.csv", [
+        row(case="torch_loop", provider="pytorch", shape="4096x4096", dtype="bf16", median_ms="2.0", ratio="1"),
+        row(case="greedy_step", provider="cuda", shape="4096x4096", dtype="bf16", median_ms="1.0", ratio="0.5"),
+        row(case="gemm_floor", provider="cublas", shape="4096x4096", dtype="bf16", median_ms="0.8", ratio="0.4"),
+        row(case="roofline_fraction", provider="cuda", shape="4096x4096", dtype="bf16", ratio="0.8")])
+    gc.write_rows(tmp_path / "memory.csv", [
+        {"rule": "bp", "nodes": 16, "width": 4096, "batch": 4096, "dtype": "fp32", "peak_mib": "100",
+         "resident_mib": "10", "ratio_to_bp": "1"},
+        {"rule": "greedy", "nodes": 16, "width": 4096, "batch": 4096, "dtype": "fp32", "peak_mib": "10",
+         "resident_mib": "11", "ratio_to_bp": "0.1"}], gc.MEMORY_COLUMNS)
+    results = [gc.StageResult("env", True, 1.0, "ok", tmp_path), gc.StageResult("tests", False, 2.0, "boom", tmp_path)]
+    text = gc.write_summary(tmp_path, results).read_text()
+    assert "| bf16 | 4096x4096 | 2.000 | 1.000 | 0.50 | 0.800 | 0.80 |" in text
+    assert "| greedy | 16 | 4096x4096 | fp32 | 10.0 | 11.0 | 0.100 |" in text
+    assert "| tests | FAILED: boom | 2.0 |" in text
+    assert (tmp_path / "summary.md").exists()
+
+
+def test_summary_without_rows_still_lists_the_stages(tmp_path):
+    text = gc.write_summary(tmp_path, [gc.StageResult("env", False, 0.1, "no CUDA device", tmp_path)]).read_text()
+    assert "| env | FAILED: no CUDA device | 0.1 |" in text
+
+
+# ---- the bench stage, rehearsed on CPU ---------------------------------------------
+@pytest.fixture
+def one_thread():
+    """One intra-op thread: on a loaded machine, OpenMP threads waiting on each other make
+    these tiny steps hundreds of times slower; what is tested here is not their speed."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.mark.usefixtures("one_thread")
+def test_bench_stage_rehearsed_on_cpu(tmp_path, capsys):
+    """The same code as on a GPU, on CPU backends at a tiny size: every kind of row, the
+    memory comparison, the summary and the plot."""
+    rc = gc.main(["--stage", "bench", "--device", "cpu", "--backends", "reference", "cpp", "--sizes", "32x16",
+                  "--dtypes", "fp32", "--quick", "--out", str(tmp_path)])
+    assert rc == 0, capsys.readouterr().out
+    rows = gc.read_rows(tmp_path / "results.csv")
+    kinds = {(r["case"], r["provider"]) for r in rows}
+    assert {("torch_loop", "pytorch"), ("greedy_step", "reference"), ("greedy_step", "cpp"), ("gemm_floor", "pytorch"),
+            ("roofline_fraction", "cpp"), ("step_peak_memory", "bp"), ("step_peak_memory", "greedy")} <= kinds
+    for r in rows:
+        assert r["device"] and r["torch"] == torch.__version__ and r["git_sha"] and r["date"]
+        if r["case"] in ("torch_loop", "greedy_step", "gemm_floor"):
+            assert float(r["p20_ms"]) <= float(r["median_ms"]) <= float(r["p80_ms"])
+    mem = {r["rule"]: r for r in gc.read_rows(tmp_path / "memory.csv")}
+    assert set(mem) == {"bp", "greedy"} and mem["bp"]["nodes"] == str(gc.MEMORY_NODES)
+    assert float(mem["greedy"]["peak_mib"]) < float(mem["bp"]["peak_mib"])
+    gc.write_report(tmp_path, [gc.StageResult("bench", True, 1.0, "ok", tmp_path)])
+    assert "| fp32 | 32x16 |" in (tmp_path / "summary.md").read_text()
+    assert (tmp_path / "gpu_check.png").stat().st_size > 0
+
+
+@pytest.mark.usefixtures("one_thread")
+def test_bench_stage_fails_when_a_backend_is_missing(tmp_path, capsys):
+    rc = gc.main(["--stage", "bench", "--device", "cpu", "--backends", "cuda", "--sizes", "16x8",
+                  "--dtypes", "fp32", "--quick", "--out", str(tmp_path)])
+    assert rc == 1
+    assert "backend cuda is not available" in capsys.readouterr().out
+    assert gc.read_rows(tmp_path / "results.csv")  # what could run still has its rows
+
+
+def test_step_gemms_cover_every_node():
+    gemms = gc.step_gemms(64, 32)
+    assert len(gemms) == 5 * (gc.STEP_NODES - 1) + 2
+    assert (32, 64, 64) in gemms and (64, 64, 32) in gemms
