@@ -1,5 +1,6 @@
-"""Fake (meta) kernels of the C++ ops, so torch.compile and opcheck can trace them.
-Imported once the extension has loaded its schemas (see backends.extension_error)."""
+"""Python-side registrations of the C++ ops, imported once the extension has loaded
+their schemas (see backends.extension_error): fake (meta) kernels, so torch.compile and
+opcheck can trace them, and their autocast behaviour."""
 import torch
 
 from .activation import GELU, RELU
@@ -34,3 +35,12 @@ def _sgd_update_fake(param, err, inp, momentum_buffer, lr, momentum, dampening, 
 def _adam_update_fake(param, err, inp, exp_avg, exp_avg_sq, lr, beta1, beta2, eps, weight_decay,
                       decoupled, maximize, step):
     return None
+
+
+# Under autocast, the ops run in float32 on float32 (or lower) inputs, as a matmul on
+# autocast's float32 list would: without this the GEMM inside the kernel is autocast to
+# bf16 and the kernel gets a dtype it has no code for. float64 is left as it is. The update
+# ops are not registered: they write parameters in place, which a cast would copy.
+for _op in ("localprop::transform", "localprop::head_error"):
+    for _device in ("cpu", "cuda"):
+        torch.library.register_autocast(_op, _device, torch.float32)

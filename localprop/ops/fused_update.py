@@ -8,6 +8,10 @@ Adam/AdamW: ``step``, ``exp_avg``, ``exp_avg_sq``), so ``state_dict()`` and
 ``load_state_dict()`` work unchanged and a run may switch between the fused update
 and ``optimizer.step()`` at any step.
 
+Every step goes through ``optimizer.step()``: the kernels run as its closure (see
+:class:`FusedStep`), so step pre/post hooks, ``lr_scheduler``'s check that the optimizer
+stepped, and anything else that wraps ``step`` see a step as they do on ``nn.Linear``.
+
 Supported: ``torch.optim.SGD`` (any momentum, dampening, nesterov, weight_decay,
 maximize) and ``torch.optim.Adam`` / ``torch.optim.AdamW`` without amsgrad. Anything
 else (another optimizer class, amsgrad, differentiable, capturable) falls back to
@@ -24,6 +28,20 @@ from .update import LinearGrad, update_ref
 
 _warned: set[tuple[type, str]] = set()
 
+#: the parameter dtypes the compiled backends' kernels run (the reference runs any)
+DTYPES = {"cpp": (torch.float32, torch.float64), "cuda": (torch.float32, torch.bfloat16)}
+
+
+def dtype_error(backend: str, dtype: torch.dtype) -> str | None:
+    """None if ``backend`` runs parameters of ``dtype``, else which backends do."""
+    runs = DTYPES.get(backend)
+    if runs is None or dtype in runs:
+        return None
+    others = [name for name, kinds in DTYPES.items() if dtype in kinds]
+    where = "".join(f", {name!r} on {'a CUDA device' if name == 'cuda' else 'CPU'}" for name in others)
+    return (f"backend {backend!r} runs {', '.join(str(d) for d in runs)} parameters, not {dtype}; "
+            f"{dtype} runs on backend 'reference'{where}")
+
 
 def update(optimizer: torch.optim.Optimizer, grads: list[LinearGrad], backend: str) -> None:
     """Apply one step of ``optimizer`` to every parameter in ``grads`` on ``backend``
@@ -36,6 +54,50 @@ def update(optimizer: torch.optim.Optimizer, grads: list[LinearGrad], backend: s
     if reason is not None:
         _warn_fallback(optimizer, reason)
         return update_ref(optimizer, grads)
+    _check_no_grad(grads)
+    fused = FusedStep(optimizer, grads, backend)
+    optimizer.step(fused)
+    if not fused.done:
+        raise RuntimeError(f"{type(optimizer).__name__}.step() returned without calling its closure, which "
+                           f"applies the fused update: a step method replaced or wrapped so that it drops "
+                           f"its closure argument cannot run the fused update (such a step pre-hook neither)")
+
+
+def _check_no_grad(grads: list[LinearGrad]) -> None:
+    """The parameters must hold no ``.grad``: ``optimizer.step()`` would apply it as a
+    second step on top of the fused one."""
+    for g in grads:
+        for param in (g.weight, g.bias):
+            if param is not None and param.grad is not None:
+                raise RuntimeError(f"a parameter of shape {list(param.shape)} holds a .grad, which "
+                                   f"optimizer.step() would apply on top of the fused update: free it "
+                                   f"(optimizer.zero_grad()) before a fused step")
+
+
+class FusedStep:
+    """The closure of ``optimizer.step()`` that applies the fused update of ``grads``.
+
+    Why a closure: every torch.optim optimizer calls its closure inside ``step()``,
+    after the step pre-hooks and before the post-hooks, whatever wraps ``step`` (the
+    hooks' wrapper on the class, ``lr_scheduler``'s on the instance, a user's). The
+    optimizer's own update that follows finds no ``.grad`` on these parameters (the
+    fused path never materialises one) and changes nothing; SGD, Adam and AdamW keep no
+    step state outside ``optimizer.state``, which the kernels' callers below update."""
+
+    def __init__(self, optimizer: torch.optim.Optimizer, grads: list[LinearGrad], backend: str) -> None:
+        self.optimizer, self.grads, self.backend = optimizer, grads, backend
+        self.done = False
+
+    def __call__(self) -> None:
+        self.done = True  # SGD, Adam and AdamW call their closure once
+        with torch.no_grad():  # step() calls its closure with grad enabled
+            apply(self.optimizer, self.grads, self.backend)
+        return None
+
+
+def apply(optimizer: torch.optim.Optimizer, grads: list[LinearGrad], backend: str) -> None:
+    """The kernels' part of :func:`update`, outside ``optimizer.step()``: the parameters
+    and ``optimizer.state`` change, no hook runs. Arguments as :func:`update`'s."""
     groups = {id(p): group for group in optimizer.param_groups for p in group["params"]}
     step = _sgd_step if isinstance(optimizer, torch.optim.SGD) else _adam_step
     kernels = _kernels(backend)

@@ -1,6 +1,7 @@
 """Fused op 3, the local update: dW = εᵀ u and db = Σ_b ε applied to W, b by the node's
 optimizer with torch.optim's exact semantics (hyperparameters read from its param
-groups, state kept in its ``state`` so that state_dict() works unchanged)."""
+groups, state kept in its ``state`` so that state_dict() works unchanged), always
+through ``optimizer.step()``, so that its hooks and schedulers see every step."""
 from __future__ import annotations
 
 from typing import NamedTuple
@@ -17,11 +18,14 @@ class LinearGrad(NamedTuple):
 
 
 def update_ref(optimizer: torch.optim.Optimizer, grads: list[LinearGrad]) -> None:
-    """Reference: materialise each gradient, then one ``optimizer.step()``."""
+    """Reference: materialise each gradient, then one ``optimizer.step()``. The gradients
+    are taken in the parameters' dtype with autocast off: under ``torch.autocast`` the
+    factors may be of a lower precision, and a parameter's ``.grad`` must have its dtype."""
     for g in grads:
-        g.weight.grad = g.err.t() @ g.inp
-        if g.bias is not None:
-            g.bias.grad = g.err.sum(0)
+        with torch.autocast(g.inp.device.type, enabled=False):
+            g.weight.grad = g.err.to(g.weight.dtype).t() @ g.inp.to(g.weight.dtype)
+            if g.bias is not None:
+                g.bias.grad = g.err.to(g.bias.dtype).sum(0)
     optimizer.step()
     optimizer.zero_grad(set_to_none=True)
 
@@ -30,6 +34,8 @@ def merge(grads: list[LinearGrad]) -> list[LinearGrad]:
     """One LinearGrad per parameter: several for the same (weight, bias) sum their
     gradients, Σ errᵢᵀ inpᵢ = [err₁; err₂]ᵀ [inp₁; inp₂], so they are stacked along the
     batch (rules such as SGR's finite differences add passes this way)."""
+    if len({id(g.weight) for g in grads}) == len(grads):  # the common case, one per parameter
+        return grads
     groups: dict[int, list[LinearGrad]] = {}
     for g in grads:
         groups.setdefault(id(g.weight), []).append(g)

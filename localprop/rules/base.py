@@ -24,7 +24,7 @@ class StepResult:
     extra: dict[str, Any] = field(default_factory=dict)         #: rule-specific figures
 
     def __repr__(self) -> str:
-        losses = ", ".join(f"{k}: {v:.4g}" for k, v in self.losses.items())
+        losses = ", ".join(f"{k!r}: {v:.4g}" for k, v in self.losses.items())  # keys as the strings they are
         return f"StepResult(step={self.step}, losses={{{losses}}})"
 
 
