@@ -11,7 +11,7 @@ activations and gradients of the whole network are never held together.
 
 Importing localprop never initialises CUDA.
 """
-from . import checkpoint, memory, ops, rules
+from . import checkpoint, memory, objectives, ops, rules, zoo
 from .engine import LocalSequential, Prediction
 from .graph import LocalGraph
 from .localize import localize
@@ -22,4 +22,4 @@ from .ops import BackendUnavailable
 __version__ = "0.1.0"
 
 __all__ = ["LocalSequential", "LocalGraph", "LocalLinear", "ModuleNode", "Node", "Prediction", "localize",
-           "mlp", "mlp_nodes", "checkpoint", "memory", "ops", "rules", "BackendUnavailable", "__version__"]
+           "mlp", "mlp_nodes", "checkpoint", "memory", "objectives", "ops", "rules", "zoo", "BackendUnavailable", "__version__"]

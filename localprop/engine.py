@@ -10,14 +10,17 @@ from __future__ import annotations
 import contextlib
 import copy
 from dataclasses import dataclass
+from typing import Callable
 
 import torch
 from torch import nn
 
-from . import heads, rules
-from .errors import LABEL_DTYPE_NAMES, LABEL_DTYPES, check_finite
+from . import heads, objectives, rules
+from .heads import HeadFactory
+from .errors import LABEL_DTYPES, check_finite
 from .network import DEFAULT_OPTIMIZER, Network, OptimizerFactory
 from .nodes import ModuleNode, Node, check_distinct
+from .summary import NodeSummary, Summary
 from .topology import Goal, Topology
 
 __all__ = ["LocalSequential", "Prediction", "Flops", "DEFAULT_OPTIMIZER", "OptimizerFactory"]
@@ -26,7 +29,7 @@ __all__ = ["LocalSequential", "Prediction", "Flops", "DEFAULT_OPTIMIZER", "Optim
 @dataclass
 class Prediction:
     """What :meth:`LocalSequential.predict` returns."""
-    labels: torch.Tensor     #: int64 [B] predicted class
+    labels: torch.Tensor     #: int64 [B] predicted class ([B, T] for per-position outputs)
     exit_node: torch.Tensor  #: int64 [B] index of the node whose head answered (the last: the main output)
     #: FLOPs spent per sample, averaged over the batch, as a fraction of one full forward
     #: pass through every node (heads not counted in the denominator; those evaluated on
@@ -53,9 +56,22 @@ class LocalSequential(Network):
 
     Args:
         *nodes: :class:`~localprop.LocalLinear` nodes or any ``nn.Module`` blocks (wrapped in
-            :class:`~localprop.nodes.ModuleNode`). The last node's output is the logits [B, C].
+            :class:`~localprop.nodes.ModuleNode`). The last node's output is the network's:
+            the logits [B, C] (or [B, T, C]) for cross-entropy, what the loss scores otherwise.
         rule: a rule name ("bp", "bp+checkpoint", "greedy", ...) or a :class:`~localprop.rules.Rule`.
-        num_classes: C, number of classes of the labels.
+        loss: the objective (see :mod:`localprop.objectives`): "cross_entropy" (default; class
+            labels [B], or [B, T] per position), "mse" (float targets like the output) or a
+            callable ``(output, target) -> loss``. Every node's head predicts the same output.
+        num_classes: C, number of classes of the labels; by default the size of the last
+            node's output (checked against it when given).
+        heads: how the auxiliary heads are built: None (from each node's output shape, see
+            :func:`localprop.heads.default_head`), "tokens" (outputs [B, T, D] are token
+            features: pooled over T for per-sample targets, per token for per-position ones;
+            the default when x holds token ids) or a factory ``(node index, per-sample
+            output shape, output size) -> nn.Module``.
+        variable_dims: the per-sample dimensions of x that may change between batches
+            (default: every one for integer token ids, none for float inputs); they are
+            found to vary in the outputs by a second dry run at build.
         optimizer: factory ``params -> torch.optim.Optimizer``; each node gets its own
             (default SGD lr=0.05, momentum=0.9).
         backend: backend of the fused ops: "reference", "cpp", "triton", "cuda" or "auto"
@@ -66,14 +82,26 @@ class LocalSequential(Network):
     are built by :meth:`build` or on the first batch, by a dry run.
     """
 
-    def __init__(self, *nodes: nn.Module, rule: str | rules.Rule = "greedy", num_classes: int,
-                 optimizer: OptimizerFactory | None = None, backend: str | None = None,
-                 check_finite: bool = True) -> None:
+    def __init__(self, *nodes: nn.Module, rule: str | rules.Rule = "greedy", num_classes: int | None = None,
+                 loss: str | objectives.Objective | Callable | None = None,
+                 heads: str | HeadFactory | None = None, optimizer: OptimizerFactory | None = None,
+                 backend: str | None = None, check_finite: bool = True,
+                 variable_dims: tuple[int, ...] | None = None) -> None:
         super().__init__(rule, optimizer, backend, check_finite)
         if not nodes:
             raise ValueError("LocalSequential needs at least one node")
-        if not isinstance(num_classes, int) or num_classes < 2:
+        if num_classes is not None and (not isinstance(num_classes, int) or num_classes < 2):
             raise ValueError(f"num_classes must be an int >= 2, got {num_classes!r}")
+        self.objective = objectives.resolve(loss)
+        self.head_factory = _head_factory(heads)
+        self.token_features = heads == "tokens"
+        self.variable_dims = None if variable_dims is None else tuple(variable_dims)
+        #: the model's keyword inputs (attention masks, ...) of the current batch, which
+        #: nodes made by localize() read; names of the ones a batch must give
+        self.batch_inputs: dict[str, object] = {}
+        self.input_names: tuple[str, ...] = ()
+        self.input_defaults: dict[str, object] = {}
+        self._example_inputs: dict[str, object] = {}
         check_distinct([(str(k), n) for k, n in enumerate(nodes)])
         self.nodes = nn.ModuleList(n if isinstance(n, Node) else ModuleNode(n) for n in nodes)
         for k, node in enumerate(self.nodes):
@@ -81,24 +109,76 @@ class LocalSequential(Network):
         self.num_classes = num_classes
         self._topology: Topology | None = None
         self._flops: Flops | None = None
+        self.input_dtype: torch.dtype | None = None
+        #: per-sample shapes of x and of the last node's output, None where a dimension varies
+        self.input_spec: tuple[int | None, ...] | None = None
+        self.output_spec: tuple[int | None, ...] | None = None
+        #: (input, output) per-sample shape of every node, None where a dimension varies
+        self.specs: list[tuple[tuple, tuple]] = []
         if all(n.input_shape is not None for n in self.nodes):
             self._check_chain()
+            self.specs = [(n.input_shape, n.output_shape) for n in self.nodes]
+            self.input_spec, self.output_spec = self.nodes[0].input_shape, self.nodes[-1].output_shape
             self._finish_build()
 
     # ---- building -----------------------------------------------------------------
-    def build(self, example: torch.Tensor) -> LocalSequential:
+    def build(self, example: torch.Tensor, **inputs) -> LocalSequential:
         """Find every node's shapes by a dry run on ``example`` [B, ...] (no gradients,
-        eval mode, parameters untouched), then build heads and optimizers."""
+        eval mode, parameters untouched; a second one with the variable dimensions one
+        shorter finds which output dimensions vary), then build heads and optimizers."""
         if self.built:
             return self
+        self._check_x_dtype(example)
+        self.input_dtype = example.dtype
+        self.token_features = self.token_features or not example.is_floating_point()
+        if self.variable_dims is None:
+            self.variable_dims = tuple(range(example.dim() - 1)) if not example.is_floating_point() else ()
+        # two samples are enough to find shapes; keyword inputs with a batch dimension follow
+        inputs = {k: v[:2] if isinstance(v, torch.Tensor) and v.dim() and v.shape[0] == example.shape[0] else v
+                  for k, v in inputs.items()}
+        self._example_inputs = inputs  # for the FLOP count's dry run
         with _eval_mode(self), torch.no_grad():
-            h = example[:2]
-            for node in self.nodes:
-                node.input_shape = tuple(h.shape[1:])
-                h = node(h)
-                node.output_shape = tuple(h.shape[1:])
+            shapes = self._dry_run(example[:2], inputs)
+            for node, (u, h) in zip(self.nodes, shapes):
+                node.input_shape, node.output_shape = u, h
+            shorter = _shorter(example[:2], self.variable_dims)
+            other = shapes if shorter is None else self._dry_run(shorter, _shorter_inputs(inputs, shorter))
+        # a dimension varies where the two dry runs disagree
+        self.specs = [tuple(tuple(a if a == b else None for a, b in zip(s, t)) for s, t in zip(mine, theirs))
+                      for mine, theirs in zip(shapes, other)]
+        self.input_spec = tuple(None if d in self.variable_dims else s for d, s in enumerate(shapes[0][0]))
+        self.output_spec = self.specs[-1][1]
         self._finish_build()
         return self
+
+    def _dry_run(self, x: torch.Tensor, inputs: dict) -> list[tuple[tuple[int, ...], tuple[int, ...]]]:
+        """(input, output) per-sample shapes of every node on x."""
+        shapes, h = [], x
+        with self._given(inputs):
+            for node in self.nodes:
+                u, h = h, node(h)
+                shapes.append((tuple(u.shape[1:]), tuple(h.shape[1:])))
+        return shapes
+
+    @contextlib.contextmanager
+    def _given(self, inputs: dict):
+        """The batch's keyword inputs readable by the nodes inside the block."""
+        unknown = sorted(set(inputs) - set(self.input_names))
+        if unknown:
+            takes = ", ".join(self.input_names) or "no keyword inputs"
+            raise TypeError(f"unexpected keyword input {unknown[0]!r}: this network takes {takes}")
+        missing = [n for n in self.input_names if n not in inputs and n not in self.input_defaults]
+        if missing:
+            raise TypeError(f"missing keyword input {missing[0]!r}: the model's forward needs it at every batch")
+        outer = dict(self.batch_inputs)  # restored after: a dry run may happen inside a step
+        self.batch_inputs.clear()
+        self.batch_inputs.update(self.input_defaults)
+        self.batch_inputs.update(inputs)
+        try:
+            yield
+        finally:
+            self.batch_inputs.clear()
+            self.batch_inputs.update(outer)
 
     def _check_chain(self) -> None:
         for prev, node in zip(self.nodes, self.nodes[1:]):
@@ -107,28 +187,46 @@ class LocalSequential(Network):
                                  f"but node {prev.name} outputs {list(prev.output_shape)}")
 
     def _finish_build(self) -> None:
-        last = self.nodes[-1]
-        if last.output_shape != (self.num_classes,):
-            raise ValueError(f"node {last.name}: the last node must output the logits, shape "
-                             f"[{self.num_classes}] per sample for num_classes={self.num_classes}, "
-                             f"got {list(last.output_shape)}")
-        for node in self.nodes:
+        last, out = self.nodes[-1], self.output_spec
+        if self.objective.classes:
+            self._check_logits(last, out)
+        for k, node in enumerate(self.nodes):
+            node.objective = self.objective
             if self.rule.uses_heads and node is not last:
                 like = next(node.parameters(), None)  # heads live where the node lives, in its dtype
-                head = heads.default_head(node.output_shape, self.num_classes)
+                head = self.head_factory(k, node.output_shape, out[-1] if out else 1, len(out) > 1,
+                                         self.token_features)
                 node.head = head if like is None else head.to(device=like.device, dtype=like.dtype)
         self._attach()
 
+    def _check_logits(self, last: Node, out: tuple[int | None, ...]) -> None:
+        """The last node's output must be logits, [C] or [T, C] per sample (C = num_classes,
+        which it sets when not given)."""
+        if len(out) not in (1, 2) or out[-1] is None or out[-1] < 2:
+            raise ValueError(f"node {last.name}: with loss 'cross_entropy' the last node outputs the logits, "
+                             f"[B, C] or [B, T, C] with C >= 2 classes, got [B, {', '.join(map(str, out))}]; "
+                             f"for another output give loss='mse' or a callable")
+        if self.num_classes is None:
+            self.num_classes = out[-1]
+        elif out[-1] != self.num_classes:
+            shape = f"[{self.num_classes}]" if len(out) == 1 else f"[T, {self.num_classes}]"
+            raise ValueError(f"node {last.name}: the last node must output the logits, shape {shape} per sample "
+                             f"for num_classes={self.num_classes}, got {list(last.output_shape)}")
+
     # ---- training -----------------------------------------------------------------
-    def train_step(self, x: torch.Tensor, y: torch.Tensor) -> rules.StepResult:
-        """Train every node once on the batch x: [B, ...] float, y: [B] integer labels in
-        [0, num_classes) (int64, or int32/int16/int8/uint8, which train exactly as their
-        int64 values). Returns the per-node losses (a StepResult)."""
+    def train_step(self, x: torch.Tensor, y: torch.Tensor, **inputs) -> rules.StepResult:
+        """Train every node once on the batch x [B, ...] (float, or integer token ids into a
+        module node) and its targets y: for cross-entropy integer labels in [0, num_classes)
+        (int64, or int32/int16/int8/uint8, which train exactly as their int64 values), [B]
+        or [B, T] per position; for "mse" float targets shaped like the output.
+        ``inputs``: the model's keyword inputs (see localize()). Returns the per-node
+        losses (a StepResult)."""
         self._validate_x(x)
-        y = self._validate_y(x, y)
         if not self.built:
-            self.build(x)
-        return self._step(x, y, x.device)
+            self.build(x, **inputs)
+        y = self._validate_y(x, y)
+        with self._given(inputs):
+            return self._step(x, y, x.device)
 
     def topology(self) -> Topology:
         """The chain as a graph: node k reads node k-1 (node 0 reads "x"); the last node
@@ -137,7 +235,7 @@ class LocalSequential(Network):
         if self._topology is None:
             names = [n.name for n in self.nodes]
             inputs = {name: [prev] for prev, name in zip(["x"] + names, names)}
-            self._topology = Topology(list(self.nodes), inputs, {names[-1]: Goal(names[-1], "y")})
+            self._topology = Topology(list(self.nodes), inputs, {names[-1]: Goal(names[-1], "y", self.objective)})
         return self._topology
 
     def feeds(self, x: torch.Tensor, y: torch.Tensor) -> tuple[dict, dict]:
@@ -145,50 +243,62 @@ class LocalSequential(Network):
         return {"x": x}, {"y": y}
 
     def _validate_x(self, x: torch.Tensor) -> None:
-        """x must be a non-empty float batch [B, *input shape] on the nodes' device and in
-        their dtype, and (check_finite on) finite; training and inference alike."""
+        """x must be a non-empty batch [B, *input shape] (float, or integer token ids into a
+        module node, whose per-sample dimensions may vary) on the nodes' device and, if
+        float, in their dtype and (check_finite on) finite; training and inference alike."""
         first = self.nodes[0]
-        if not isinstance(x, torch.Tensor) or not x.is_floating_point():
-            got = x.dtype if isinstance(x, torch.Tensor) else type(x).__name__
-            raise TypeError(f"node {first.name}: x must be a floating-point tensor, got {got}")
+        self._check_x_dtype(x)
         self._check_placement(first, "x", x)
         if x.dim() == 0 or x.shape[0] == 0:
             raise ValueError(f"node {first.name}: empty batch (x has shape {list(x.shape)})")
-        if first.input_shape is not None and tuple(x.shape[1:]) != first.input_shape:
-            raise ValueError(f"node {first.name}: expected x of shape [B, {', '.join(map(str, first.input_shape))}], "
+        spec = self.input_spec
+        if spec is not None and not objectives.shape_matches(tuple(x.shape[1:]), spec):
+            raise ValueError(f"node {first.name}: expected x of shape [B, {objectives.show_shape(spec)}], "
                              f"got {list(x.shape)}")
-        if self.check_finite:
+        if self.input_dtype is not None and x.is_floating_point() != self.input_dtype.is_floating_point:
+            raise TypeError(f"node {first.name}: the network was built for x of {self.input_dtype}, got {x.dtype}")
+        if self.check_finite and x.is_floating_point():
             check_finite(x, first.name, self.steps, "input x")
 
+    def _check_x_dtype(self, x) -> None:
+        first = self.nodes[0]
+        tokens = isinstance(x, torch.Tensor) and x.dtype in LABEL_DTYPES and not first.fused
+        if not isinstance(x, torch.Tensor) or not (x.is_floating_point() or tokens):
+            got = x.dtype if isinstance(x, torch.Tensor) else type(x).__name__
+            also = "" if first.fused else " (or integer token ids)"
+            raise TypeError(f"node {first.name}: x must be a floating-point tensor{also}, got {got}")
+
     def _validate_y(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-        """The labels y [B] of the (validated) batch x, as int64: every rule then sees the
-        dtype cross-entropy needs (and no uint8 tensor to mistake for a mask)."""
-        if not isinstance(y, torch.Tensor) or y.dtype not in LABEL_DTYPES:
-            got = y.dtype if isinstance(y, torch.Tensor) else type(y).__name__
-            raise TypeError(f"labels y must be an integer tensor ({LABEL_DTYPE_NAMES}), got {got}")
-        if y.device != x.device:
-            raise ValueError(f"labels y are on {y.device}, x on {x.device}")
-        if y.shape != (x.shape[0],):
-            raise ValueError(f"x and y disagree: x has a batch of {x.shape[0]}, y has shape {list(y.shape)} "
-                             f"(expected [{x.shape[0]}])")
-        lo, hi = int(y.min()), int(y.max())
-        if lo < 0 or hi >= self.num_classes:
-            raise ValueError(f"labels must lie in [0, {self.num_classes}), got values in [{lo}, {hi}]")
-        return y.long()
+        """The targets y of the (validated) batch x, checked by the objective against the
+        last node's output and in the dtype its loss needs (class labels as int64: every
+        rule then sees what cross-entropy needs, and no uint8 tensor to mistake for a mask)."""
+        if isinstance(y, torch.Tensor) and y.device != x.device:
+            what = "labels y" if self.objective.classes else "the target y"
+            raise ValueError(f"{what} are on {y.device}, x on {x.device}")
+        spec = self.output_spec
+        if len(spec) == 2 and spec[0] is None and x.dim() >= 2 and 0 in self.variable_dims:
+            spec = (x.shape[1], spec[1])  # the positions of the output are those of x
+        y = self.objective.check_target("y", y, x.shape[0], spec)
+        if self.check_finite and y.is_floating_point():
+            check_finite(y, self.nodes[-1].name, self.steps, "target y")
+        return y
 
     # ---- inference ----------------------------------------------------------------
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """Logits [B, C] of the whole chain on x [B, ...], validated as in train_step."""
+    def forward(self, x: torch.Tensor, **inputs) -> torch.Tensor:
+        """The last node's output (the logits [B, C] or [B, T, C] for cross-entropy) of the
+        whole chain on x [B, ...], validated as in train_step."""
         self._validate_x(x)
         if not self.built:
-            self.build(x)
+            self.build(x, **inputs)
         self._set_backend(x.device)
-        for node in self.nodes:
-            x = node(x)
+        with self._given(inputs):
+            for node in self.nodes:
+                x = node(x)
         return x
 
     @torch.no_grad()
-    def predict(self, x: torch.Tensor, exit_threshold: float | None = None, ensemble: bool = False) -> Prediction:
+    def predict(self, x: torch.Tensor, exit_threshold: float | None = None, ensemble: bool = False,
+                **inputs) -> Prediction:
         """Class predictions of the chain, with two options that use the per-node heads:
 
         - ``exit_threshold=t`` (progressive inference): a sample leaves at the first node
@@ -198,8 +308,11 @@ class LocalSequential(Network):
 
         Without heads (rule bp) every sample exits at the last node. x: [B, ...], validated
         as in train_step. Returns a :class:`Prediction` (labels and exit_node int64 [B],
-        flops_fraction).
+        flops_fraction). Per-position outputs [B, T, C] give labels [B, T] (exits and
+        ensembles are per sample: not for them); objectives other than classes have none.
         """
+        if not self.objective.classes:
+            raise ValueError(f"predict: loss {self.objective.name!r} has no classes to predict; use net(x)")
         if exit_threshold is not None and ensemble:
             raise ValueError("predict: give exit_threshold or ensemble=True, not both")
         if exit_threshold is not None and (isinstance(exit_threshold, bool) or not isinstance(exit_threshold, (int, float))
@@ -208,15 +321,23 @@ class LocalSequential(Network):
                              f"got {exit_threshold!r}")
         self._validate_x(x)
         if not self.built:
-            self.build(x)
+            self.build(x, **inputs)
+        if (exit_threshold is not None or ensemble) and (len(self.output_spec) > 1 or inputs or self.input_names):
+            raise ValueError("predict: exits and ensembles are per sample, for networks of per-sample outputs "
+                             "[B, C] without keyword inputs; this one "
+                             + ("outputs per position" if len(self.output_spec) > 1 else "takes keyword inputs"))
         self._set_backend(x.device)
         # eval mode for the duration: with batch statistics (BatchNorm) a sample's exit
         # would depend on the other samples of the batch, and running statistics would move
-        with _eval_mode(self):
+        with _eval_mode(self), self._given(inputs):
             return self._ensemble(x) if ensemble else self._progressive(x, exit_threshold)
 
     def _progressive(self, x: torch.Tensor, exit_threshold: float | None) -> Prediction:
-        flops, last = self.flops(), len(self.nodes) - 1
+        last = len(self.nodes) - 1
+        if exit_threshold is None:  # every sample runs through every node: the full cost
+            h = self(x, **{k: v for k, v in self.batch_inputs.items() if k in self.input_names})
+            return Prediction(h.argmax(-1), torch.full(h.shape[:1], last, dtype=torch.int64, device=x.device))
+        flops = self.flops()
         labels = torch.empty(x.shape[0], dtype=torch.int64, device=x.device)
         exit_node = torch.full_like(labels, last)
         spent = torch.zeros(x.shape[0], dtype=torch.float64, device=x.device)
@@ -263,11 +384,11 @@ class LocalSequential(Network):
         from torch.utils.flop_counter import FlopCounterMode
 
         like = next(self.parameters())
-        h = torch.zeros(2, *self.nodes[0].input_shape, dtype=like.dtype, device=like.device)
+        h = torch.zeros(2, *self.nodes[0].input_shape, dtype=self.input_dtype or like.dtype, device=like.device)
         nodes, head_flops = [], []
         # eval: batch-statistics layers must not change (nor fail on two samples); grad mode
         # on, so that fused nodes take their autograd forward, which the counter sees
-        with _eval_mode(self), torch.enable_grad():
+        with _eval_mode(self), torch.enable_grad(), self._given(self._example_inputs):
             for node in self.nodes:
                 with FlopCounterMode(display=False) as counter:
                     h = node(h)
@@ -277,6 +398,20 @@ class LocalSequential(Network):
                         node.head(h)
                 head_flops.append(counter.get_total_flops() // 2)
         return Flops(nodes, head_flops)
+
+    def describe(self) -> Summary:
+        """Every node's shapes, parameters and forward FLOPs per sample, with its head's:
+        what local learning adds to the model (``print(net.describe())`` for a table)."""
+        flops = self.flops()
+        rows = []
+        for k, node in enumerate(self.nodes):
+            own = sum(p.numel() for name, p in node.named_parameters() if not name.startswith("head."))
+            head = 0 if node.head is None else sum(p.numel() for p in node.head.parameters())
+            label = getattr(node, "label", None) or type(getattr(node, "block", node)).__name__
+            shape_in = self.input_spec if k == 0 else self.specs[k][0]
+            rows.append(NodeSummary(node.name, label, tuple(shape_in), tuple(self.specs[k][1]), own, head,
+                                    flops.nodes[k], flops.heads[k]))
+        return Summary(rows, self.rule.name)
 
     def submodel(self, k: int) -> nn.Sequential:
         """Nodes 0..k followed by head k, as a standalone ``nn.Sequential`` of deep copies
@@ -295,14 +430,17 @@ class LocalSequential(Network):
         return nn.Sequential(*parts)
 
     def extra_repr(self) -> str:
-        return f"rule={self.rule!r}, num_classes={self.num_classes}, backend={self.backend_request!r}"
+        loss = "" if type(self.objective) is objectives.CrossEntropy else f", loss={self.objective!r}"
+        return f"rule={self.rule!r}, num_classes={self.num_classes}{loss}, backend={self.backend_request!r}"
 
 
 @contextlib.contextmanager
 def _eval_mode(net: nn.Module):
-    """Every module in eval mode inside the block; each module's own mode restored after
-    (a user may have put some in eval on purpose)."""
-    modes = [(m, m.training) for m in net.modules()]
+    """Every module in eval mode inside the block (the user's modules a network was made
+    from too); each module's own mode restored after (a user may have put some in eval
+    on purpose)."""
+    users = [m for user in getattr(net, "_user_modules", ()) for m in user.modules()]
+    modes = [(m, m.training) for m in [*net.modules(), *users]]
     net.eval()
     try:
         yield
@@ -314,3 +452,33 @@ def _eval_mode(net: nn.Module):
 def _standalone(node: Node) -> Node:
     """A deep copy of ``node`` without its head and optimizer."""
     return copy.deepcopy(node, memo={id(node.head): None, id(node.optimizer): None})
+
+
+def _head_factory(heads_arg):
+    """The head builder for ``heads=``: ``(k, shape, size, per_position, tokens) -> head``."""
+    if heads_arg is None or heads_arg == "tokens":
+        return lambda k, shape, size, per_position, tokens: heads.default_head(shape, size, per_position, tokens)
+    if callable(heads_arg) and not isinstance(heads_arg, str):
+        return lambda k, shape, size, per_position, tokens: _checked_head(heads_arg(k, shape, size), k)
+    raise ValueError(f"heads must be None, 'tokens' or a factory (node index, output shape, output size) -> "
+                     f"nn.Module, got {heads_arg!r}")
+
+
+def _checked_head(head, k: int) -> nn.Module:
+    if not isinstance(head, nn.Module):
+        raise TypeError(f"node {k}: the heads factory must return an nn.Module, got {type(head).__name__}")
+    return head
+
+
+def _shorter(x: torch.Tensor, dims: tuple[int, ...]) -> torch.Tensor | None:
+    """x with each variable per-sample dimension one shorter (None if none can shrink)."""
+    dims = [d for d in dims if x.shape[d + 1] > 1]
+    for d in dims:
+        x = x.narrow(d + 1, 0, x.shape[d + 1] - 1)
+    return x if dims else None
+
+
+def _shorter_inputs(inputs: dict, x: torch.Tensor) -> dict:
+    """Keyword inputs cut to the positions of the shorter x (masks [B, T] and alike)."""
+    return {k: v[..., :x.shape[1]] if isinstance(v, torch.Tensor) and v.dim() >= 2 else v
+            for k, v in inputs.items()}

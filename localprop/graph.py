@@ -62,10 +62,12 @@ class LocalGraph(Network):
 
     def goal(self, name: str, target: str, loss: str = "cross_entropy") -> LocalGraph:
         """Make node ``name`` a goal trained against ``targets[target]`` with ``loss``
-        ("cross_entropy": int64 labels [B]; "mse": float [B, N] like the node's output)."""
+        ("cross_entropy": int64 labels [B]; "mse": float [B, N] like the node's output; or a
+        callable ``(output, target) -> loss``, for rules other than locprop)."""
         self._check_open()
-        if loss not in LOSSES:
-            raise ValueError(f"goal {name!r}: loss must be one of {', '.join(LOSSES)}, got {loss!r}")
+        if not (loss in LOSSES or (callable(loss) and not isinstance(loss, str))):
+            raise ValueError(f"goal {name!r}: loss must be one of {', '.join(LOSSES)} or a callable "
+                             f"(output, target) -> loss, got {loss!r}")
         self.goals[name] = Goal(name, target, loss)
         return self
 
@@ -219,6 +221,8 @@ class LocalGraph(Network):
                 if width is not None and (lo < 0 or hi >= width):
                     raise ValueError(f"goal {goal.node!r}: labels must lie in [0, {width}), got [{lo}, {hi}]")
                 targets[goal.target] = t.long()
+            elif goal.loss != "mse":  # a loss of one's own: only the batch can be checked
+                goal.objective.check_target(repr(goal.target), t, batch, ())
             elif width is not None and t.shape != (batch, width):
                 raise ValueError(f"goal {goal.node!r}: mse target {goal.target!r} must have shape "
                                  f"[{batch}, {width}], got {list(t.shape)}")

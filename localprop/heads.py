@@ -1,18 +1,114 @@
-"""Default auxiliary heads, built from a node's per-sample output shape."""
+"""Default auxiliary heads, built from a node's per-sample output shape and what the
+network's last node outputs (a head predicts the same thing)."""
 from __future__ import annotations
 
 import math
+from typing import Callable
 
+import torch
+import torch.nn.functional as F
 from torch import nn
+from torch.autograd.function import once_differentiable
+
+from . import objectives
+
+#: a user's head builder: (node index, per-sample output shape, output size) -> head
+HeadFactory = Callable[[int, tuple, int], nn.Module]
+
+#: the rank of a per-token head's projection when the output is larger (a vocabulary):
+#: D -> RANK -> V costs RANK (D + V) parameters instead of D V
+RANK = 64
 
 
-def default_head(shape: tuple[int, ...], num_classes: int) -> nn.Module:
-    """[C] -> Linear(C, classes); [C, H, W] -> AdaptiveAvgPool2d(2), flatten, Linear(4C);
-    [C, L] -> AdaptiveAvgPool1d(2), flatten, Linear(2C); any other shape -> flatten, Linear."""
+def default_head(shape: tuple[int, ...], size: int, per_position: bool = False, tokens: bool = False) -> nn.Module:
+    """A head for a node output of per-sample ``shape`` that predicts ``size`` values, per
+    sample or (``per_position``) per position of a [T, D] output:
+
+    - per position, [T, D] -> :class:`TokenHead` on each position;
+    - token features [T, D] (``tokens``), per sample -> mean over T, :class:`TokenHead`;
+    - [C] -> Linear(C, size); [C, H, W] -> AdaptiveAvgPool2d(2), flatten, Linear(4C);
+      [C, L] -> AdaptiveAvgPool1d(2), flatten, Linear(2C); other shapes -> flatten, Linear.
+    """
+    if per_position or (tokens and len(shape) == 2):
+        if len(shape) != 2:
+            raise ValueError(f"a per-position head needs node outputs [B, T, D], got [B, {', '.join(map(str, shape))}]: "
+                             f"give heads= a factory")
+        head = TokenHead(shape[1], size)
+        return head if per_position else nn.Sequential(MeanOverPositions(), head)
     if len(shape) == 1:
-        return nn.Linear(shape[0], num_classes)
+        return nn.Linear(shape[0], size)
     if len(shape) == 3:
-        return nn.Sequential(nn.AdaptiveAvgPool2d(2), nn.Flatten(), nn.Linear(4 * shape[0], num_classes))
+        return nn.Sequential(nn.AdaptiveAvgPool2d(2), nn.Flatten(), nn.Linear(4 * shape[0], size))
     if len(shape) == 2:
-        return nn.Sequential(nn.AdaptiveAvgPool1d(2), nn.Flatten(), nn.Linear(2 * shape[0], num_classes))
-    return nn.Sequential(nn.Flatten(), nn.Linear(math.prod(shape), num_classes))
+        return nn.Sequential(nn.AdaptiveAvgPool1d(2), nn.Flatten(), nn.Linear(2 * shape[0], size))
+    return nn.Sequential(nn.Flatten(), nn.Linear(math.prod(shape), size))
+
+
+class TokenHead(nn.Sequential):
+    """Per-token head [..., D] -> [..., V]: LayerNorm(D), then Linear(D, V), or a rank-RANK
+    factorisation of it when V > RANK and that is smaller (a 50k vocabulary must not cost
+    a 50k x D matrix per node). Its cross-entropy (:meth:`loss`) never holds the logits of
+    every token: the last Linear and the loss run together, CHUNK tokens at a time."""
+
+    def __init__(self, features: int, size: int) -> None:
+        if size > RANK and RANK * (features + size) < features * size:
+            proj = [nn.Linear(features, RANK, bias=False), nn.Linear(RANK, size)]
+        else:
+            proj = [nn.Linear(features, size)]
+        super().__init__(nn.LayerNorm(features), *proj)
+
+    def loss(self, h: torch.Tensor, target: torch.Tensor, objective: objectives.Objective) -> torch.Tensor:
+        """``objective(self(h), target)`` for h [..., D]; cross-entropy without the [N, V]
+        logits, their log-softmax or their gradient alive at once (same value and gradients)."""
+        if type(objective) is not objectives.CrossEntropy or not objectives.lean():
+            return objective(self(h), target)
+        z = h
+        for layer in list(self)[:-1]:
+            z = layer(z)
+        last = self[-1]
+        return _LinearCrossEntropy.apply(z.reshape(-1, z.shape[-1]), last.weight, last.bias, target.reshape(-1),
+                                         objective.ignore_index)
+
+
+class _LinearCrossEntropy(torch.autograd.Function):
+    """mean CE(z Wᵀ + b, labels) for z [N, R], W [V, R], b [V], labels [N] (``ignore``
+    skipped), CHUNK rows of logits at a time: the forward keeps z and the log-sum-exp per
+    row, the backward recomputes each chunk's logits (one extra [CHUNK, R] x [R, V] GEMM)."""
+
+    @staticmethod
+    def forward(ctx, z, weight, bias, labels, ignore):
+        valid = labels != ignore
+        safe = labels.where(valid, 0)
+        lse, picked = [], []
+        for start in range(0, len(z), objectives.CHUNK):
+            logits = F.linear(z[start:start + objectives.CHUNK], weight, bias)
+            lse.append(torch.logsumexp(logits, 1))
+            picked.append(logits.gather(1, safe[start:start + objectives.CHUNK, None])[:, 0])
+        lse, picked = torch.cat(lse), torch.cat(picked)
+        ctx.save_for_backward(z, weight, bias, labels, lse, valid)
+        return ((lse - picked) * valid).sum() / valid.sum()
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, grad):
+        z, weight, bias, labels, lse, valid = ctx.saved_tensors
+        scale = (grad / valid.sum()) * valid.to(z.dtype)
+        dz = torch.empty_like(z)
+        dw = torch.zeros_like(weight)
+        db = None if bias is None else torch.zeros_like(bias)
+        for start in range(0, len(z), objectives.CHUNK):
+            rows = slice(start, start + objectives.CHUNK)
+            logits = F.linear(z[rows], weight, bias)
+            g = objectives.softmax_minus_onehot(logits, lse[rows], labels[rows], valid[rows], scale[rows], logits)
+            torch.mm(g, weight, out=dz[rows])
+            dw.addmm_(g.t(), z[rows])
+            if db is not None:
+                db += g.sum(0)
+        return dz, dw, db, None, None
+
+
+class MeanOverPositions(nn.Module):
+    """[B, T, D] -> [B, D], the mean over positions (any T)."""
+
+    def forward(self, h: torch.Tensor) -> torch.Tensor:
+        return h.mean(1)

@@ -8,7 +8,7 @@ from typing import Sequence
 import torch
 from torch import nn
 
-from . import memory, rules
+from . import memory, rules, trace
 from .engine import LocalSequential, OptimizerFactory, _eval_mode
 
 
@@ -104,16 +104,41 @@ def _measure(block: nn.Module, u: torch.Tensor, balance: str) -> float:
 
 
 def localize(model: nn.Module | Sequence[nn.Module], rule: str | rules.Rule = "greedy", *,
-             num_classes: int, optimizer: OptimizerFactory | None = None, nodes: int | None = None,
-             backend: str | None = None, example_input: torch.Tensor | None = None,
-             balance: str = "count", check_finite: bool = True) -> LocalSequential:
-    """Make every block of ``model`` a node that learns locally.
+             nodes: int | None = None, split_points: Sequence[str] | None = None,
+             block: type | tuple[type, ...] | None = None, inputs: Sequence[str] = (),
+             loss=None, num_classes: int | None = None, heads=None, optimizer: OptimizerFactory | None = None,
+             backend: str | None = None, example_input: torch.Tensor | None = None, balance: str = "count",
+             check_finite: bool = True, variable_dims: tuple[int, ...] | None = None) -> LocalSequential:
+    """Make ``model`` a chain of nodes that learn locally; its own modules are trained in
+    place (after training, ``model`` is the trained model).
+
+    Two ways to cut a model:
+
+    - an ``nn.Sequential`` or a list of blocks (without ``split_points`` or ``block``): each
+      child with parameters starts a node, which also takes the parameter-free children
+      after it (ReLU, pooling, ...);
+    - any ``nn.Module``: its ``forward`` is traced by torch.fx and cut at the start of
+      modules, so each node keeps the functional ops (``F.relu``, ``torch.flatten``,
+      residual adds) that run in it (see :mod:`localprop.trace` for why tracing). The
+      blocks are the outermost children of ``nn.Sequential`` / ``nn.ModuleList``
+      containers (a ResNet's BasicBlocks, a transformer's layers), or the instances of
+      ``block``, or else the model's children with parameters; they are called whole, so
+      their own code needs no tracing. Code before the first block (a stem, embeddings)
+      joins the first node, code after the last (pooling, the classifier) the last node.
 
     Args:
-        model: an ``nn.Sequential`` or a list of blocks. Each child with parameters starts a
-            node, which also takes the parameter-free children after it (ReLU, pooling, ...).
-        rule, num_classes, optimizer, backend, check_finite: as in :class:`LocalSequential`.
-        nodes: K, group those blocks into K contiguous, balanced nodes (default: one each).
+        model: the model: any ``nn.Module``, an ``nn.Sequential`` or a list of blocks.
+        rule, loss, num_classes, heads, optimizer, backend, check_finite, variable_dims: as
+            in :class:`LocalSequential` (``loss`` e.g. "mse" or a callable; ``num_classes``
+            is inferred from the model's output).
+        nodes: K, group the blocks into K contiguous, balanced nodes (default: one per block).
+        split_points: instead of ``nodes``, the module names each new node starts at
+            (``["layer2", "layer3", "layer4"]``: 4 nodes), the model's own qualified names.
+        block: a module class (or tuple of classes) whose instances are the blocks (as in
+            FSDP's wrap policy: ``block=GPT2Block``).
+        inputs: forward parameters with a default that are still given per batch, as
+            keyword arguments of train_step / forward / predict (``attention_mask``);
+            parameters without a default always are, and others are fixed at their default.
         balance: what the K nodes balance (see :func:`part_costs`): "count" of blocks
             (default), "params", "memory" (each block's measured step memory, so that no
             node's autograd working set, e.g. a high-resolution stage's, sets the step's
@@ -121,24 +146,114 @@ def localize(model: nn.Module | Sequence[nn.Module], rule: str | rules.Rule = "g
         example_input: a batch [B, ...] for the dry run that finds every node's output shape
             (and so its head); without it the dry run happens on the first batch.
 
-    The blocks are the user's own modules, trained in place: after training, ``model`` is
-    the trained model. Returns a :class:`LocalSequential`.
+    Returns a :class:`LocalSequential`. Errors name the split point, module or op in the way.
     """
-    if isinstance(model, nn.Sequential):
-        children = list(model.children())
-    elif isinstance(model, (list, tuple, nn.ModuleList)) and all(isinstance(m, nn.Module) for m in model):
-        children = list(model)
-    else:
-        raise TypeError(f"localize() takes an nn.Sequential or a list of nn.Module blocks, got {type(model).__name__}")
-    if not children:
-        raise ValueError("localize() got a model with no blocks")
     if balance not in BALANCES:
         raise ValueError(f"localize: balance must be one of {', '.join(BALANCES)}, got {balance!r}")
-    parts = units(children)
-    costs = part_costs(parts, balance, example_input) if nodes is not None else None
-    blocks = split_balanced(parts, len(parts) if nodes is None else nodes, costs)
-    net = LocalSequential(*blocks, rule=rule, num_classes=num_classes, optimizer=optimizer,
-                          backend=backend, check_finite=check_finite)
+    common = {"rule": rule, "num_classes": num_classes, "loss": loss, "heads": heads, "optimizer": optimizer,
+              "backend": backend, "check_finite": check_finite, "variable_dims": variable_dims}
+    listed = isinstance(model, (list, tuple, nn.ModuleList))
+    if listed or (isinstance(model, nn.Sequential) and split_points is None and block is None and not inputs):
+        net = _localize_blocks(model, nodes, balance, example_input, common)
+    elif isinstance(model, nn.Module):
+        net = _localize_traced(model, nodes, split_points, block, tuple(inputs), balance, example_input, common)
+    else:
+        raise TypeError(f"localize() takes an nn.Module, an nn.Sequential or a list of nn.Module blocks, "
+                        f"got {type(model).__name__}")
+    if isinstance(model, nn.Module):
+        net._user_modules = (model,)  # net.train() / net.eval() switch the user's model too
     if example_input is not None:
         net.build(example_input)
     return net
+
+
+def _localize_blocks(model, nodes, balance, example_input, common) -> LocalSequential:
+    """An nn.Sequential or a list of blocks: a node per child with parameters, grouped."""
+    children = list(model.children()) if isinstance(model, nn.Sequential) else list(model)
+    if not all(isinstance(m, nn.Module) for m in children):
+        raise TypeError("localize() takes a list of nn.Module blocks")
+    if not children:
+        raise ValueError("localize() got a model with no blocks")
+    parts = units(children)
+    costs = part_costs(parts, balance, example_input) if nodes is not None else None
+    blocks = split_balanced(parts, len(parts) if nodes is None else nodes, costs)
+    return LocalSequential(*blocks, **common)
+
+
+def _localize_traced(model, nodes, split_points, block, inputs, balance, example_input, common) -> LocalSequential:
+    """Any nn.Module, by its traced graph (localprop.trace)."""
+    blocks = trace.find_blocks(model, block)
+    if not blocks and split_points is None:
+        raise ValueError(f"localize: {type(model).__name__} has no blocks to make nodes of (no child module has "
+                         f"parameters); give split_points= or block=, or build the nodes yourself")
+    if split_points is not None:
+        if nodes is not None:
+            raise ValueError("localize: give nodes= or split_points=, not both")
+        starts = list(split_points)
+        if not starts:
+            raise ValueError("localize: split_points is empty; give at least one module name (or nodes=)")
+        leaves = starts + [b for b in blocks if not any(_related(b, s) for s in starts)]
+    else:
+        blocks = _called(model, blocks, inputs)
+        count = len(blocks) if nodes is None else nodes
+        if not isinstance(count, int) or not 1 <= count <= len(blocks):
+            raise ValueError(f"localize: nodes must lie in [1, {len(blocks)}] for {type(model).__name__}, which "
+                             f"has {len(blocks)} blocks ({', '.join(blocks[:3])}{', ...' if len(blocks) > 3 else ''}), "
+                             f"got {count!r}")
+        costs = _block_costs(model, blocks, inputs, balance, example_input) if count < len(blocks) else None
+        starts = _starts(blocks, count, costs)
+        leaves = blocks
+    cut = trace.split(model, starts, leaves, inputs)
+    net = LocalSequential(*cut.nodes, **common)
+    net.input_names, net.input_defaults = cut.input_names, cut.defaults
+    for node in cut.nodes:
+        node.values = net.batch_inputs  # one dict: side values computed by a node reach the later ones
+    return net
+
+
+def _called(model: nn.Module, blocks: list[str], inputs) -> list[str]:
+    """``blocks`` in the order the model's forward calls them (blocks it never calls dropped)."""
+    order = [n.target for n in trace.trace(model, set(blocks), inputs).graph.nodes if n.op == "call_module"]
+    return sorted((b for b in blocks if b in order), key=order.index)
+
+
+def _starts(blocks: list[str], count: int, costs: list[float] | None) -> list[str]:
+    """The blocks that start nodes 1..count-1 when ``blocks`` are grouped into ``count``."""
+    if costs is None:
+        size, extra = divmod(len(blocks), count)
+        counts = [size + (k < extra) for k in range(count)]
+    else:
+        from .distributed.partition import partition
+
+        counts = partition(list(costs), count)
+    firsts, at = [], 0
+    for c in counts[:-1]:
+        at += c
+        firsts.append(blocks[at])
+    return firsts
+
+
+def _block_costs(model, blocks, inputs, balance, example) -> list[float] | None:
+    """A cost per block for ``balance`` (see :func:`part_costs`): parameters, or measured on
+    a dry run through the model cut at every block."""
+    if balance == "count":
+        return None
+    modules = dict(model.named_modules())
+    if balance == "params":
+        return [float(sum(p.numel() for p in modules[b].parameters())) for b in blocks]
+    if example is None:
+        raise ValueError(f"localize(balance={balance!r}) measures each block on a dry run: give example_input")
+    cut = trace.split(model, blocks[1:], blocks, inputs)
+    values = dict(cut.defaults)
+    costs, h = [], example
+    for node in cut.nodes:
+        node.values = values
+        costs.append(_measure(node, h, balance))
+        with torch.no_grad(), _eval_mode(node):
+            h = node(h)
+    return costs
+
+
+def _related(a: str, b: str) -> bool:
+    """True if module ``a`` is ``b``, inside it or contains it."""
+    return a == b or a.startswith(b + ".") or b.startswith(a + ".")

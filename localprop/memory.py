@@ -18,6 +18,7 @@ step's peak: ``StepMemory.peak_bytes`` counts only what the step allocates on to
 from __future__ import annotations
 
 import contextlib
+import copy
 import gc
 import os
 import re
@@ -25,7 +26,7 @@ import sys
 import threading
 import warnings
 from dataclasses import asdict, dataclass
-from typing import Callable, Iterator
+from typing import Callable, Iterator, Sequence
 
 import torch
 from torch import nn
@@ -228,19 +229,23 @@ def _device(x) -> torch.device:
     return (next(iter(x.values())) if isinstance(x, dict) else x).device
 
 
-def measure_step(net: nn.Module, x, y, warmup: int = 1) -> StepMemory:
-    """Peak memory of one ``net.train_step(x, y)``, after ``warmup`` steps (so that the
-    optimizer state exists and is counted as resident, not as the step's peak).
-    x, y: tensors (LocalSequential) or dicts of them (LocalGraph). The network is
-    trained by these steps."""
+def measure_step(net: nn.Module, x, y, warmup: int = 1, steps: int = 1, **inputs) -> StepMemory:
+    """Peak memory of ``net.train_step(x, y)``, after ``warmup`` steps (so that the
+    optimizer state exists and is counted as resident, not as the step's peak): the
+    largest of ``steps`` consecutive steps (give a schedule's period, so that every kind
+    of step it makes is measured, PGL's global one included). x, y: tensors
+    (LocalSequential) or dicts of them (LocalGraph); ``inputs``: the model's keyword
+    inputs. The network is trained by these steps."""
     for _ in range(warmup):
-        net.train_step(x, y)
-    gc.collect()
-    device = _device(x)
-    with track_peak(device) as peak:
-        net.train_step(x, y)
+        net.train_step(x, y, **inputs)
+    device, peaks = _device(x), []
+    for _ in range(steps):
+        gc.collect()
+        with track_peak(device) as peak:
+            net.train_step(x, y, **inputs)
+        peaks.append(peak.bytes)
     params, opt = resident(net)
-    return StepMemory(net.rule.name, str(device), peak.bytes, params, opt)
+    return StepMemory(net.rule.name, str(device), max(peaks), params, opt)
 
 
 def compare(build: Callable[[str], nn.Module], rules: list[str], x: torch.Tensor, y: torch.Tensor) -> list[StepMemory]:
@@ -252,6 +257,104 @@ def compare(build: Callable[[str], nn.Module], rules: list[str], x: torch.Tensor
         m.rule = rule
         out.append(m)
     return out
+
+
+def compare_model(model: nn.Module | Callable[[], nn.Module], x: torch.Tensor, y: torch.Tensor,
+                  rules: Sequence[str] = ("bp", "bp+checkpoint", "greedy"), nodes: int | None = 4,
+                  **localize_kwargs) -> list[StepMemory]:
+    """Peak step memory of a user's model under each rule: ``model`` (an nn.Module, copied
+    for each rule, or a factory ``() -> nn.Module`` called for each, with the same seed)
+    localized by :func:`localprop.localize` into ``nodes`` nodes; "bp" and "bp+checkpoint"
+    run the model by end-to-end backprop (the latter checkpointing every block). Every
+    kind of step a rule makes is measured (PGL: its period of steps, the global one
+    included). x [B, ...], y: a batch and its targets; ``localize_kwargs``: loss, block,
+    split_points, inputs, ...; keyword inputs of the model go in ``localize_kwargs["batch_inputs"]``."""
+    from . import rules as rule_registry
+    from .localize import localize
+
+    batch_inputs = localize_kwargs.pop("batch_inputs", {})
+    out = []
+    for name in rules:
+        torch.manual_seed(0)
+        fresh = model() if not isinstance(model, nn.Module) else copy.deepcopy(model)
+        rule = rule_registry.resolve(name)
+        baseline = rule.name in ("bp", "bp+checkpoint")
+        if rule.name == "bp+checkpoint":
+            rule = rule_registry.BP(checkpoint=True, segment=1)  # one checkpointed segment per block
+        kwargs = dict(localize_kwargs)
+        if not ("split_points" in kwargs and baseline):
+            kwargs["nodes"] = None if baseline else nodes
+        net = localize(fresh, rule, **kwargs)
+        m = measure_step(net, x, y, steps=max(1, getattr(rule, "period", 1)), **batch_inputs)
+        m.rule = name
+        out.append(m)
+    return out
+
+
+@dataclass
+class Timeline:
+    """Allocated bytes through one step, sampled at every module's forward (start and end)
+    and every parameter's gradient: ``bytes[i]`` after event ``events[i]``, ``peaks[i]`` the
+    highest in between; above what was allocated when the step began."""
+    rule: str
+    events: list[str]
+    bytes: list[int]
+    peaks: list[int]
+
+
+def timeline(net: nn.Module, x: torch.Tensor, y: torch.Tensor, warmup: int = 1, **inputs) -> Timeline:
+    """The allocator's :class:`Timeline` of one ``net.train_step(x, y)`` after ``warmup``
+    steps (CPU with localprop's counting allocator, or CUDA)."""
+    for _ in range(warmup):
+        net.train_step(x, y, **inputs)
+    device = _device(x)
+    read = _reader(device)
+    gc.collect()
+    base, _ = read()
+    line = Timeline(net.rule.name, [], [], [])
+
+    def mark(event: str) -> None:
+        now, peak = read()
+        line.events.append(event)
+        line.bytes.append(now - base)
+        line.peaks.append(max(peak, now) - base)
+
+    handles = []
+    for name, module in net.named_modules():
+        if not any(True for _ in module.children()):
+            handles.append(module.register_forward_pre_hook(lambda m, a, n=name: mark(f"forward {n}")))
+            handles.append(module.register_forward_hook(lambda m, a, o, n=name: mark(f"forward {n} done")))
+    for name, p in net.named_parameters():
+        handles.append(p.register_post_accumulate_grad_hook(lambda t, n=name: mark(f"gradient {n}")))
+    try:
+        mark("start")
+        net.train_step(x, y, **inputs)
+        mark("end")
+    finally:
+        for h in handles:
+            h.remove()
+    return line
+
+
+def _reader(device: torch.device) -> Callable[[], tuple[int, int]]:
+    """() -> (bytes allocated now, peak since the last call) on ``device``."""
+    if device.type == "cuda":
+        def read() -> tuple[int, int]:
+            torch.cuda.synchronize(device)
+            now, peak = torch.cuda.memory_allocated(device), torch.cuda.max_memory_allocated(device)
+            torch.cuda.reset_peak_memory_stats(device)
+            return now, peak
+        return read
+    if device.type != "cpu" or cpu_counter() is None:
+        raise RuntimeError(f"a memory timeline needs localprop's counting CPU allocator or CUDA "
+                           f"({_counter_missing() if device.type == 'cpu' else device})")
+    ops = torch.ops.localprop
+
+    def read() -> tuple[int, int]:
+        now, peak = ops.cpu_memory_stats()[:2]
+        ops.cpu_memory_reset_peak()
+        return now, peak
+    return read
 
 
 cpu_counter()  # at import: frees of every block allocated from here on are counted

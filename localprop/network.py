@@ -12,8 +12,8 @@ from typing import Any, Callable, Iterable
 import torch
 from torch import nn
 
-from . import rules
-from .ops import backends
+from . import optim, rules
+from .ops import backends, fused_update
 from .topology import Topology
 
 OptimizerFactory = Callable[[Iterable[nn.Parameter]], torch.optim.Optimizer]
@@ -51,6 +51,23 @@ class Network(nn.Module, abc.ABC):
         """A batch as graph rules see it: (inputs by name, targets by name)."""
 
     # ---- building ---------------------------------------------------------------------
+    @property
+    def optimizer_factory(self) -> OptimizerFactory:
+        """The factory ``params -> torch.optim.Optimizer`` each node's optimizer is made by."""
+        return self._optimizer_factory
+
+    @optimizer_factory.setter
+    def optimizer_factory(self, factory: OptimizerFactory) -> None:
+        # checked when set (the network's construction), not at the first step: an
+        # optimizer instance would otherwise fail only as "'Adam' object is not callable"
+        if isinstance(factory, torch.optim.Optimizer) or not callable(factory):
+            what = "an optimizer instance" if isinstance(factory, torch.optim.Optimizer) else "not callable"
+            raise TypeError(f"optimizer= must be a factory params -> torch.optim.Optimizer, called once per node "
+                            f"on that node's parameters (each node has its own optimizer), got "
+                            f"{type(factory).__name__} ({what}); for example "
+                            f"optimizer=functools.partial(torch.optim.SGD, lr=0.1)")
+        self._optimizer_factory = factory
+
     def _attach(self) -> None:
         """Once every node's shapes are known: the rule's state, then each node's optimizer
         over the parameters the rule gives it (none for a node without any)."""
@@ -62,19 +79,62 @@ class Network(nn.Module, abc.ABC):
             params = self.rule.node_parameters(node)
             node.optimizer = self.optimizer_factory(params) if params else None
         self.built = True
+        self._check_backend_dtypes()
+
+    def _check_backend_dtypes(self) -> None:
+        """Fused nodes' parameters must be of a dtype their backend runs: TypeError naming
+        the node, its dtype and the backends that run it, instead of the kernel's own
+        error at the first step. A backend that is absent is left to the step to report."""
+        for node in self.topology().order:
+            if not node.fused:
+                continue
+            try:
+                backend = backends.resolve(self.backend_request, node.weight.device)
+            except backends.BackendUnavailable:
+                return
+            err = fused_update.dtype_error(backend, node.weight.dtype)
+            if err is not None:
+                raise TypeError(f"node {node.name}: {err}")
 
     @staticmethod
     def _check_placement(node, what: str, t: torch.Tensor) -> None:
-        """``t`` must be on the device and of the dtype of the node's parameters."""
+        """``t`` must be on the device of the node's parameters and, if float (integer
+        token ids are not), of their dtype."""
         like = next(node.parameters(), None)
         if like is None:
             return
         if t.device != like.device:
             raise ValueError(f"node {node.name}: {what} is on {t.device}, the node's parameters on {like.device}")
-        if t.dtype != like.dtype:
+        if t.is_floating_point() and t.dtype != like.dtype:
             raise TypeError(f"node {node.name}: {what} is {t.dtype}, the node's parameters are {like.dtype}")
 
     # ---- running ----------------------------------------------------------------------
+    def _apply(self, fn, recurse: bool = True) -> Network:
+        """nn.Module._apply (what ``to``, ``double``, ``cuda`` ... run), then every optimizer
+        follows its parameters (see :func:`localprop.optim.follow_parameters`): the network
+        owns its optimizers, so moving it moves their state too."""
+        before = [p for _, p in self.named_parameters(remove_duplicate=False)]
+        super()._apply(fn, recurse)
+        after = [p for _, p in self.named_parameters(remove_duplicate=False)]
+        replaced = {id(old): new for old, new in zip(before, after) if old is not new}
+        if self.built:
+            for optimizer in self.optimizers():
+                optim.follow_parameters(optimizer, replaced)
+            self._check_backend_dtypes()
+        return self
+
+    #: the user's own modules the nodes were cut from (localize's model): not submodules
+    #: (their parameters are the nodes'), so nn.Module.train alone would leave their own
+    #: ``training`` flags, and those of containers outside the nodes, as they were
+    _user_modules: tuple[nn.Module, ...] = ()
+
+    def train(self, mode: bool = True) -> Network:
+        """nn.Module.train on the network, and on the user's modules it was made from."""
+        super().train(mode)
+        for module in self._user_modules:
+            module.train(mode)
+        return self
+
     def _set_backend(self, device: torch.device) -> None:
         if device not in self._backend_for:  # resolved once per device: it queries the dispatcher
             self._backend_for[device] = backends.resolve(self.backend_request, device)

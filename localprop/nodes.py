@@ -20,7 +20,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from . import ops
+from . import objectives, ops
 from .errors import check_finite, check_parameters
 from .ops import activation as act
 
@@ -76,6 +76,8 @@ class Node(nn.Module):
         self.optimizer: torch.optim.Optimizer | None = None
         self.backend = "reference"
         self.check_finite = True
+        #: what ``labels=`` targets are scored with (the network's objective, set when it builds)
+        self.objective: objectives.Objective = objectives.CrossEntropy()
         self.input_shape: tuple[int, ...] | None = None   #: per-sample shape it expects
         self.output_shape: tuple[int, ...] | None = None  #: per-sample shape it returns
 
@@ -90,7 +92,8 @@ class Node(nn.Module):
         """One local step of the node on input u [B, ...] (a detached leaf) from exactly one
         objective, then the update by the node's optimizer:
 
-        - ``labels`` y [B]: the cross-entropy of the node's head (of h itself without a head);
+        - ``labels`` y: targets of the node's objective (default: class labels [B] or [B, T]
+          and cross-entropy), scored on its head's output (on h itself without a head);
         - ``loss``: a loss the rule computes from the node's output, ``loss(h, head)``
           (a scalar, or per-sample losses [B] whose mean is learnt);
         - ``grad``: g = ∂L/∂h [B, ...] given from outside (overwritten on fused nodes).
@@ -107,16 +110,19 @@ class Node(nn.Module):
         _check_objective(labels, loss, grad, penalty)
         if input_grad or penalty is not None:
             u.requires_grad_()
-        h = self(u)
+        exact = penalty is not None and penalty.method != "finite_difference"
         if grad is not None:
+            h = self(u)
             if self.check_finite:
                 check_finite(grad, self.name, step, "output gradient")
             h.backward(grad)
             self.step_optimizer(step)
             return LocalStep(h.detach(), None, u.grad if input_grad else None, grad if output_grad else None)
-        value, samples = self._loss(h, labels, loss, train_head, per_sample)
+        with _twice_differentiable() if exact else contextlib.nullcontext():
+            h = self(u)
+            value, samples = self._loss(h, labels, loss, train_head, per_sample)
         samples = None if samples is None else samples.detach()
-        if penalty is not None and penalty.method != "finite_difference":  # exact: double backward
+        if exact:  # double backward
             wrt = ([h] if output_grad else []) + [u]
             grads = list(torch.autograd.grad(value, wrt, retain_graph=True, create_graph=True))
             g_h = grads.pop(0).detach() if output_grad else None
@@ -142,9 +148,10 @@ class Node(nn.Module):
         head = self.head_logits if train_head else self._frozen_head_logits
         if labels is not None:
             if per_sample:
-                samples = F.cross_entropy(head(h), labels, reduction="none")
+                samples = self.objective.per_sample(head(h), labels)
                 return samples.mean(), samples
-            return F.cross_entropy(head(h), labels), None
+            fused = getattr(self.head, "loss", None) if train_head else None  # a head that takes the loss itself
+            return (fused(h, labels, self.objective) if fused else self.objective(head(h), labels)), None
         value = loss(h, head)
         return (value.mean(), value) if value.dim() else (value, None)
 
@@ -275,8 +282,16 @@ class LocalLinear(Node):
                                       input_grad=input_grad, output_grad=output_grad, per_sample=per_sample,
                                       penalty=penalty)
         _check_objective(labels, loss, grad, penalty)
-        if labels is not None:
+        if labels is not None and self._fused_cross_entropy(labels):
             return self._ce_step(u, labels, step, input_grad, output_grad, per_sample, penalty)
+        if labels is not None:  # another objective: autograd on the detached output only
+            if penalty is not None:
+                return super().local_step(u, step, labels=labels, train_head=train_head, input_grad=input_grad,
+                                          output_grad=output_grad, per_sample=per_sample, penalty=penalty)
+            objective, target = self.objective, labels
+            loss = (lambda h, head: objective.per_sample(head(h), target)) if per_sample else \
+                (lambda h, head: objective(head(h), target))
+            labels = None
         with torch.no_grad():
             h, aux = self.transform(u)
         value = samples = None
@@ -301,9 +316,9 @@ class LocalLinear(Node):
         g_h = grad.clone() if output_grad else None  # error() overwrites grad
         err = self.error(grad, h, aux)
         g_u = _matmul(err, self.weight) if input_grad else None
-        self.apply_error(u, err, step)
-        if value is not None and logits:  # the head, by the node's optimizer: dA = dlogitsᵀ h
-            self.update([ops.LinearGrad(a, c, d, h) for d in grads[1:]], step)
+        # one update, so one optimizer.step() for the node and its linear head (dA = dlogitsᵀ h)
+        head_grads = [ops.LinearGrad(a, c, d, h) for d in grads[1:]] if value is not None and logits else []
+        self.update([ops.LinearGrad(self.weight, self.bias, err, u), *head_grads], step)
         return LocalStep(h, value, g_u, g_h, samples)
 
     def _ce_step(self, u, y, step, input_grad, output_grad, per_sample, penalty) -> LocalStep:
@@ -325,6 +340,13 @@ class LocalLinear(Node):
             samples = F.cross_entropy(self.head_logits(h), y, reduction="none") if per_sample else None
             self.update(grads, step)
         return LocalStep(h, out.loss, out.message if input_grad else None, g_h, samples)
+
+    def _fused_cross_entropy(self, labels: torch.Tensor) -> bool:
+        """True if the fused head-and-error op computes this step's loss: the plain
+        cross-entropy of per-sample labels [B], none of them ignored."""
+        objective = self.objective
+        return type(objective) is objectives.CrossEntropy and labels.dim() == 1 \
+            and not bool((labels == objective.ignore_index).any())
 
     def _ce_pass(self, u: torch.Tensor, y: torch.Tensor, message: bool = False, scale: float = 1.0):
         """One fused pass at input u: (HeadError, h, the LinearGrads of ``scale`` · L for the
@@ -360,8 +382,8 @@ class LocalLinear(Node):
     def update(self, grads: Sequence[ops.LinearGrad], step: int) -> None:
         """The fused update (:func:`localprop.ops.update`) of the parameters in ``grads``
         (the node's W, b and its head's A, c; several LinearGrads of one parameter add up)
-        by the node's optimizer, then :meth:`check_update` of those parameters: the fused
-        kernels write them without optimizer.step(), so this is where they are checked."""
+        by the node's optimizer, through its ``step()`` (hooks and schedulers see it), then
+        :meth:`check_update` of those parameters."""
         with torch.no_grad():
             ops.update(self.optimizer, list(grads), backend=self.backend)
         updated = {id(t): t for g in grads for t in (g.weight, g.bias) if t is not None}
@@ -386,6 +408,17 @@ def _identity(h: torch.Tensor) -> torch.Tensor:
 def _matmul(err: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
     with torch.no_grad():
         return err @ weight
+
+
+@contextlib.contextmanager
+def _twice_differentiable():
+    """Inside the block, attention by PyTorch's math kernel and cross-entropy by PyTorch's
+    own: the fused attention kernels and the lean cross-entropies have no second
+    derivative, which an exact input-gradient penalty takes."""
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    with sdpa_kernel([SDPBackend.MATH]), objectives.twice_differentiable():
+        yield
 
 
 @contextlib.contextmanager

@@ -13,10 +13,13 @@ output is scored directly; every other node's head predicts the same kind of out
 """
 from __future__ import annotations
 
+import contextlib
+import contextvars
 from typing import Callable
 
 import torch
 import torch.nn.functional as F
+from torch.autograd.function import once_differentiable
 
 from .errors import LABEL_DTYPE_NAMES, LABEL_DTYPES
 
@@ -24,6 +27,10 @@ from .errors import LABEL_DTYPE_NAMES, LABEL_DTYPES
 NAMES = ("cross_entropy", "mse")
 #: the target value that cross-entropy skips (PyTorch's convention)
 IGNORE_INDEX = -100
+#: rows of logits the lean cross-entropies hold at a time ([CHUNK, C] in float)
+CHUNK = 1024
+#: set inside twice_differentiable(): the lean cross-entropies have no second derivative
+_PLAIN = contextvars.ContextVar("plain_cross_entropy", default=False)
 
 
 class Objective:
@@ -62,9 +69,12 @@ class CrossEntropy(Objective):
         self.ignore_index = ignore_index
 
     def __call__(self, output, target):
-        # the mean over every counted position, as F.cross_entropy takes it
-        return F.cross_entropy(output.reshape(-1, output.shape[-1]), target.reshape(-1),
-                               ignore_index=self.ignore_index)
+        # the mean over every counted position, as F.cross_entropy takes it; per position
+        # (a vocabulary of logits per token) without keeping a log-softmax as large as them
+        logits, labels = output.reshape(-1, output.shape[-1]), target.reshape(-1)
+        if output.dim() > 2 and not _PLAIN.get():
+            return _LeanCrossEntropy.apply(logits, labels, self.ignore_index)
+        return F.cross_entropy(logits, labels, ignore_index=self.ignore_index)
 
     def per_sample(self, output, target):
         losses = F.cross_entropy(output.reshape(-1, output.shape[-1]), target.reshape(-1),
@@ -145,6 +155,58 @@ class Custom(Objective):
 
     def __repr__(self) -> str:
         return f"Custom({self.name})"
+
+
+@contextlib.contextmanager
+def twice_differentiable():
+    """Inside the block, cross-entropies are PyTorch's own, which have a second derivative
+    (an exact input-gradient penalty takes one); outside, the lean ones save memory."""
+    token = _PLAIN.set(True)
+    try:
+        yield
+    finally:
+        _PLAIN.reset(token)
+
+
+def lean() -> bool:
+    """True where the lean cross-entropies may be used (outside :func:`twice_differentiable`)."""
+    return not _PLAIN.get()
+
+
+class _LeanCrossEntropy(torch.autograd.Function):
+    """The mean cross-entropy of logits [N, C] against labels [N] (``ignore`` skipped) that
+    keeps no log-softmax: it saves the logits (alive anyway, as the graph's output) and
+    the log-sum-exp per row [N]; the backward writes softmax − onehot straight into the
+    gradient, CHUNK rows at a time. One [N, C] tensor less than F.cross_entropy."""
+
+    @staticmethod
+    def forward(ctx, logits, labels, ignore):
+        lse = torch.cat([torch.logsumexp(c, 1) for c in logits.split(CHUNK)])
+        valid = labels != ignore
+        picked = logits.gather(1, labels.where(valid, 0)[:, None])[:, 0]
+        ctx.save_for_backward(logits, labels, lse, valid)
+        return ((lse - picked) * valid).sum() / valid.sum()  # nan when none counts, as PyTorch's
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, grad):
+        logits, labels, lse, valid = ctx.saved_tensors
+        scale = (grad / valid.sum()) * valid.to(logits.dtype)
+        out = torch.empty_like(logits)
+        for start in range(0, len(logits), CHUNK):
+            rows = slice(start, start + CHUNK)
+            softmax_minus_onehot(logits[rows], lse[rows], labels[rows], valid[rows], scale[rows], out[rows])
+        return out, None, None
+
+
+def softmax_minus_onehot(logits: torch.Tensor, lse: torch.Tensor, labels: torch.Tensor, valid: torch.Tensor,
+                         scale: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
+    """out = scale · (softmax(logits) − onehot(labels)) for rows [n, C] (the gradient of a
+    cross-entropy), written in place; ignored rows (``valid`` False) have scale 0."""
+    torch.sub(logits, lse[:, None], out=out)
+    out.exp_()
+    out.scatter_add_(1, labels.where(valid, 0)[:, None], -valid.to(out.dtype)[:, None])
+    return out.mul_(scale[:, None])
 
 
 def resolve(loss: str | Objective | Callable | None) -> Objective:

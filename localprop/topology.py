@@ -7,19 +7,24 @@ from dataclasses import dataclass, field
 from typing import Callable
 
 import torch
-import torch.nn.functional as F
 
+from . import objectives
 from .nodes import Node
 
-LOSSES = ("cross_entropy", "mse")
+LOSSES = objectives.NAMES
 
 
 @dataclass(frozen=True)
 class Goal:
-    """Node ``node`` is trained against ``targets[target]`` with ``loss``."""
+    """Node ``node`` is trained against ``targets[target]`` with ``loss`` (a name of
+    :data:`LOSSES` or an :class:`~localprop.objectives.Objective`)."""
     node: str
     target: str
-    loss: str = "cross_entropy"
+    loss: str | objectives.Objective = "cross_entropy"
+
+    @property
+    def objective(self) -> objectives.Objective:
+        return objectives.resolve(self.loss)
 
 
 @dataclass
@@ -65,8 +70,8 @@ def run_forward(topo: Topology, feeds: dict[str, torch.Tensor],
     return values
 
 
-def goal_loss(loss: str, output: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
-    """A goal's loss: mean cross-entropy over the batch (labels [B]) or mean squared error."""
-    if loss == "cross_entropy":
-        return F.cross_entropy(output, target.long())
-    return F.mse_loss(output, target)
+def goal_loss(loss: str | objectives.Objective, output: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """A goal's loss [] (see :mod:`localprop.objectives`): e.g. the mean cross-entropy over
+    the batch (labels [B]) or the mean squared error."""
+    objective = objectives.resolve(loss)
+    return objective(output, target.long() if objective.classes else target)

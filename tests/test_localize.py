@@ -69,6 +69,8 @@ def test_localize_builds_on_first_batch_without_example():
     assert net.built and net.nodes[0].input_shape == (1, 8, 8)
 
 
-def test_localize_rejects_other_models():
-    with pytest.raises(TypeError, match="nn.Sequential or a list"):
+def test_localize_rejects_what_is_no_model():
+    with pytest.raises(TypeError, match="takes an nn.Module, an nn.Sequential or a list"):
+        lp.localize("resnet", num_classes=3)
+    with pytest.raises(ValueError, match="Linear has no blocks to make nodes of"):
         lp.localize(nn.Linear(3, 3), num_classes=3)

@@ -355,3 +355,23 @@ def test_a_copy_of_a_localized_model_trains_apart():
     twin = copy.deepcopy(net)
     twin.train_step(x, y)
     assert not torch.equal(twin.nodes[0].block.conv1.weight, net.nodes[0].block.conv1.weight)
+
+
+def test_graph_goals_take_a_loss_of_ones_own():
+    calls = []
+
+    def l1(out, target):
+        calls.append(1)
+        return (out - target).abs().mean()
+
+    g = lp.LocalGraph(rule="bp")
+    g.add("a", lp.LocalLinear(4, 8), inputs="x").add("out", lp.LocalLinear(8, 2, activation=None), inputs="a")
+    g.goal("out", target="y", loss=l1)
+    g.train_step({"x": torch.randn(5, 4)}, {"y": torch.randn(5, 2)})
+    assert calls
+    with pytest.raises(ValueError, match="x and 'y' disagree: x has a batch of 5"):
+        g.train_step({"x": torch.randn(5, 4)}, {"y": torch.randn(3, 2)})
+    loc = lp.LocalGraph(rule="locprop")
+    loc.add("out", lp.LocalLinear(4, 2, activation=None), inputs="x").goal("out", target="y", loss=l1)
+    with pytest.raises(ValueError, match="goal 'out': locprop's error vectors are derived for cross-entropy and mse"):
+        loc.train_step({"x": torch.randn(5, 4)}, {"y": torch.randn(5, 2)})

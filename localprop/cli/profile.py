@@ -1,7 +1,10 @@
-"""``localprop profile``: peak step memory of bp, bp+checkpoint and local rules on deep
-MLPs over depth and batch size; a table, JSON and a PNG."""
+"""``localprop profile``: peak step memory of bp, bp+checkpoint and local rules, on deep
+MLPs over depth and batch size, or on a model of one's own (``--model pkg.module:factory``);
+a table, JSON and PNGs (with a model: the allocator's timeline of one step, bp against a
+local rule)."""
 from __future__ import annotations
 
+import argparse
 import functools
 import json
 from pathlib import Path
@@ -13,6 +16,8 @@ import localprop as lp
 from localprop import memory
 
 DEFAULT_RULES = ("bp", "bp+checkpoint", "greedy")
+#: the rules profiled on a model of one's own when --rules is not given
+MODEL_RULES = ("bp", "bp+checkpoint", "greedy", "sgr", "critic", "pgl")
 
 
 def deep_mlp(rule: str, width: int, depth: int, in_features: int, num_classes: int, backend: str | None = None):
@@ -70,8 +75,91 @@ def plot(rows: list[dict], path: Path) -> None:
     plt.close(fig)
 
 
+def model_batch(factory, shape: list[int] | None, tokens: list[int] | None, batch: int, device: str):
+    """(x, y, loss) for a model: x random [batch, *shape] floats or token ids [batch, SEQ] in
+    [0, VOCAB); y from what the model outputs: class labels for [B, C] and [B, T, C],
+    float targets (loss "mse") otherwise."""
+    if (shape is None) == (tokens is None):
+        raise ValueError("--model: give --input-shape C,H,W (float inputs) or --tokens VOCAB,SEQ (token ids)")
+    g = torch.Generator().manual_seed(0)
+    if tokens is not None:
+        if len(tokens) != 2 or min(tokens) < 1:
+            raise ValueError(f"--tokens: expected VOCAB,SEQ (two integers >= 1), got {tokens}")
+        x = torch.randint(0, tokens[0], (batch, tokens[1]), generator=g)
+    else:
+        x = torch.randn(batch, *shape, generator=g)
+    torch.manual_seed(0)
+    model = factory().to(device).eval()
+    with torch.no_grad():
+        out = model(x[:2].to(device))
+    if not isinstance(out, torch.Tensor):
+        raise ValueError(f"--model: the model returns {type(out).__name__}; localprop needs one output tensor")
+    if out.dim() in (2, 3) and not out.shape[-1] < 2:
+        y = torch.randint(0, out.shape[-1], (batch, *out.shape[1:-1]), generator=g)
+        return x.to(device), y.to(device), "cross_entropy"
+    return x.to(device), torch.randn(batch, *out.shape[1:], generator=g).to(device), "mse"
+
+
+def run_model(args) -> int:
+    """--model: every rule on the user's model; table, JSON, a bar chart and a timeline."""
+    from localprop.config import import_target
+
+    factory = import_target("--model", args.model)
+    x, y, loss = model_batch(factory, args.input_shape, args.tokens, args.batch, args.device)
+    rules = list(args.rules or MODEL_RULES)
+    results = []
+    for rule in tqdm(rules, desc="profile", disable=args.quiet, leave=False):
+        results += memory.compare_model(factory, x, y, rules=[rule], nodes=args.nodes, loss=loss)
+    rows = [{"rule": m.rule, "nodes": args.nodes, "batch": args.batch, "model": args.model, **m.as_dict()}
+            for m in results]
+    bp = next((r["peak_bytes"] for r in rows if r["rule"] == "bp"), None)
+    print(f"{args.model}, batch {args.batch}, {args.nodes} nodes for the local rules ({x.device}):")
+    print(f"{'rule':<15} {'peak step MiB':>14} {'resident MiB':>13} {'vs bp':>7}")
+    for r in rows:
+        ratio = f"{r['peak_bytes'] / bp:7.2f}" if bp else "      -"
+        print(f"{r['rule']:<15} {r['peak_bytes'] / 2**20:>14.2f} {r['resident_bytes'] / 2**20:>13.2f} {ratio}")
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "profile.json").write_text(json.dumps(rows, indent=2))
+    local = next((r for r in rules if r not in ("bp", "bp+checkpoint")), None)
+    lines = [_timeline(factory, "bp", None, x, y, loss)] + ([_timeline(factory, local, args.nodes, x, y, loss)]
+                                                             if local else [])
+    plot_model(rows, lines, out / "profile.png")
+    print(f"wrote {out / 'profile.json'} and {out / 'profile.png'}")
+    return 0
+
+
+def _timeline(factory, rule: str, nodes: int | None, x, y, loss) -> memory.Timeline:
+    torch.manual_seed(0)
+    return memory.timeline(lp.localize(factory(), rule, nodes=nodes, loss=loss), x, y)
+
+
+def plot_model(rows: list[dict], lines: list[memory.Timeline], path: Path) -> None:
+    """Peak step memory per rule (bars) and the allocated bytes through one step (lines)."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, (bars, steps) = plt.subplots(1, 2, figsize=(12, 4))
+    bars.bar([r["rule"] for r in rows], [r["peak_bytes"] / 2**20 for r in rows])
+    bars.set(ylabel="peak step memory (MiB)", title=f"{rows[0]['model']}, batch {rows[0]['batch']}")
+    bars.tick_params(axis="x", rotation=30)
+    for line in lines:
+        span = max(1, len(line.bytes) - 1)
+        steps.plot([i / span for i in range(len(line.bytes))], [b / 2**20 for b in line.peaks], label=line.rule)
+    steps.set(xlabel="progress through one training step (allocator events)", ylabel="allocated (MiB)",
+              title="memory through one step")
+    steps.grid(alpha=0.3)
+    steps.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
 def run(args) -> int:
-    rows = profile(args.rules, args.depths, args.batches, args.width, args.in_features, device=args.device,
+    if args.model is not None:
+        return run_model(args)
+    rows = profile(args.rules or list(DEFAULT_RULES), args.depths, args.batches, args.width, args.in_features, device=args.device,
                    backend=args.backend, progress=not args.quiet)
     print_table(rows)
     out = Path(args.out)
@@ -84,7 +172,8 @@ def run(args) -> int:
 
 def register(sub) -> None:
     p = sub.add_parser("profile", help="peak step memory vs depth and batch: bp, bp+checkpoint, local rules")
-    p.add_argument("--rules", nargs="+", default=list(DEFAULT_RULES))
+    p.add_argument("--rules", nargs="+", default=None,
+                   help=f"rules to profile (default: {' '.join(DEFAULT_RULES)}; with --model: {' '.join(MODEL_RULES)})")
     p.add_argument("--depths", nargs="+", type=int, default=[4, 8, 16, 32])
     p.add_argument("--batches", nargs="+", type=int, default=[256, 1024])
     p.add_argument("--width", type=int, default=1024)
@@ -93,4 +182,20 @@ def register(sub) -> None:
     p.add_argument("--backend", default=None, help="backend of the fused ops (default: auto)")
     p.add_argument("--out", default="out", help="folder for profile.json and profile.png (default: out)")
     p.add_argument("--quiet", action="store_true")
+    p.add_argument("--model", default=None, metavar="PKG.MODULE:FACTORY",
+                   help="profile a model of one's own, built by this zero-argument factory (e.g. "
+                        "localprop.zoo:resnet18), localized by localprop.localize")
+    p.add_argument("--input-shape", type=_ints, default=None, metavar="C,H,W",
+                   help="per-sample shape of the model's float input (with --model)")
+    p.add_argument("--tokens", type=_ints, default=None, metavar="VOCAB,SEQ",
+                   help="the model takes token ids: vocabulary size and sequence length (with --model)")
+    p.add_argument("--batch", type=int, default=128, help="batch size with --model (default 128)")
+    p.add_argument("--nodes", type=int, default=4, help="nodes of the local rules with --model (default 4)")
     p.set_defaults(func=run)
+
+
+def _ints(text: str) -> list[int]:
+    try:
+        return [int(v) for v in text.split(",")]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected integers separated by commas, got {text!r}") from None

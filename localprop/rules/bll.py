@@ -13,6 +13,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..errors import check_callable, check_float
+from ..objectives import show_shape
 from .base import LocalRule, Messages, NodeStep
 
 OptimizerFactory = Callable[[Iterable[nn.Parameter]], torch.optim.Optimizer]
@@ -69,6 +70,10 @@ class BLL(LocalRule):
                                                  "params -> Optimizer") or DEFAULT_FEEDBACK_OPTIMIZER
 
     def attach(self, net) -> None:
+        if not net.objective.classes or len(net.output_spec) != 1:
+            raise ValueError(f"rule 'bll' aligns each sample's features with the prototype of its class: it needs "
+                             f"class labels per sample (loss 'cross_entropy', output [B, C]), not loss "
+                             f"{net.objective.name!r} on outputs [B, {show_shape(net.output_spec)}]")
         dims = [feature_dim(node.output_shape) for node in net.nodes[:-1]] + [net.num_classes]
         like = next(net.nodes[0].parameters())
         feedback = nn.ModuleList(nn.Linear(dims[k + 1], dims[k], bias=False, device=like.device, dtype=like.dtype)

@@ -7,10 +7,10 @@ import math
 from typing import Callable, Iterable
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from ..errors import check_callable, check_int
+from ..heads import MeanOverPositions
 from .base import LocalRule, Messages, NodeStep
 
 CriticFactory = Callable[[tuple[int, ...], int], nn.Module]
@@ -20,17 +20,21 @@ OptimizerFactory = Callable[[Iterable[nn.Parameter]], torch.optim.Optimizer]
 DEFAULT_CRITIC_OPTIMIZER: OptimizerFactory = functools.partial(torch.optim.Adam, lr=1e-4)
 
 
-def default_critic(shape: tuple[int, ...], num_classes: int, hidden: int = 64) -> nn.Module:
-    """The default critic for per-sample features of ``shape``, after the paper's
-    LC_block (one conv layer of 128 filters + ReLU, then a dense output layer), behind a
-    parameter-free normalisation of the features:
+def default_critic(shape: tuple[int, ...], num_classes: int, hidden: int = 64, per_position: bool = False,
+                   tokens: bool = False) -> nn.Module:
+    """The default critic for per-sample features of ``shape``, predicting ``num_classes``
+    values (the size of the network's output), after the paper's LC_block (one conv layer
+    of 128 filters + ReLU, then a dense output layer), behind a parameter-free
+    normalisation of the features:
 
     - [C]: LayerNorm(C), Linear(C, hidden), ReLU, Linear(hidden, classes);
     - [C, H, W]: GroupNorm(1, C), Conv2d(C, C, 3, padding 1), ReLU, AdaptiveAvgPool2d(2),
       flatten, Linear(4C, classes) (C filters rather than the paper's 128, so that a critic
       costs about one conv layer of the block it reads);
     - [C, L]: the same with Conv1d and AdaptiveAvgPool1d(2), Linear(2C, classes);
-    - other shapes: flatten, then the [C] critic.
+    - other shapes: flatten, then the [C] critic;
+    - token features [T, D] (``tokens``, or ``per_position`` outputs): the [C] critic on
+      each position, after a mean over positions for per-sample outputs.
 
     Why the normalisation: a critic moves slowly (Adam, lr 1e-4) and is not trained by
     the node's loss, so without it a node lowers its critic's CE by inflating the scale
@@ -40,15 +44,23 @@ def default_critic(shape: tuple[int, ...], num_classes: int, hidden: int = 64) -
     at a quarter of that layer's FLOPs, so that progressive inference saves compute.
     """
     c = shape[0]
+    if (per_position or tokens) and len(shape) == 2:
+        pool = [] if per_position else [MeanOverPositions()]
+        return nn.Sequential(*pool, *_mlp_critic(shape[1], num_classes, hidden))
     if len(shape) == 3:
         return nn.Sequential(nn.GroupNorm(1, c, affine=False), nn.Conv2d(c, c, 3, padding=1), nn.ReLU(),
                              nn.AdaptiveAvgPool2d(2), nn.Flatten(), nn.Linear(4 * c, num_classes))
     if len(shape) == 2:
         return nn.Sequential(nn.GroupNorm(1, c, affine=False), nn.Conv1d(c, c, 3, padding=1), nn.ReLU(),
                              nn.AdaptiveAvgPool1d(2), nn.Flatten(), nn.Linear(2 * c, num_classes))
-    size = math.prod(shape)
-    return nn.Sequential(nn.Flatten(), nn.LayerNorm(size, elementwise_affine=False), nn.Linear(size, hidden),
-                         nn.ReLU(), nn.Linear(hidden, num_classes))
+    return nn.Sequential(nn.Flatten(), *_mlp_critic(math.prod(shape), num_classes, hidden))
+
+
+def _mlp_critic(features: int, size: int, hidden: int) -> list[nn.Module]:
+    """The layers [..., features] -> [..., size]: LayerNorm (no affine), Linear, ReLU, Linear
+    (flat in the critic's Sequential: its state_dict keys are those of earlier versions)."""
+    return [nn.LayerNorm(features, elementwise_affine=False), nn.Linear(features, hidden), nn.ReLU(),
+            nn.Linear(hidden, size)]
 
 
 class Critic(LocalRule):
@@ -93,9 +105,15 @@ class Critic(LocalRule):
     def attach(self, net) -> None:
         """Replace each head by a critic; critics live on the nodes (node.head), their
         optimizers in ``net.rule_state.optimizers``."""
+        out = net.output_spec
         for node in net.nodes[:-1]:
             like = next(node.parameters())
-            node.head = self.make_critic(node.output_shape, net.num_classes).to(like.device, like.dtype)
+            if self.make_critic is default_critic:
+                critic = default_critic(node.output_shape, out[-1], per_position=len(out) > 1,
+                                        tokens=net.token_features)
+            else:
+                critic = self.make_critic(node.output_shape, out[-1])
+            node.head = critic.to(like.device, like.dtype)
         net.rule_state = nn.ModuleDict()
         net.rule_state.optimizers = [self.critic_optimizer(node.head.parameters()) for node in net.nodes[:-1]]
 
@@ -111,7 +129,7 @@ class Critic(LocalRule):
         if step % self.critic_every:
             return None
         node = net.nodes[k]
-        gap = _train_critic(node.head, net.rule_state.optimizers[k], h, y, target)
+        gap = _train_critic(node.head, net.rule_state.optimizers[k], h, y, target, node.objective)
         node.check_update(node.head.parameters(), step)
         return gap
 
@@ -123,7 +141,7 @@ class Critic(LocalRule):
         if node.head is None:
             r = node.local_step(u, step, labels=y, per_sample=True)
         else:  # the critic passes the gradient on but is not trained by it
-            r = node.local_step(u, step, loss=lambda h, critic: F.cross_entropy(critic(h), y, reduction="none"),
+            r = node.local_step(u, step, loss=lambda h, critic: node.objective.per_sample(critic(h), y),
                                 train_head=False)
         return NodeStep(r.h, r.per_sample.mean(), backward=r.per_sample if k > 0 else None)
 
@@ -137,9 +155,10 @@ class Critic(LocalRule):
 
 
 def _train_critic(critic: nn.Module, optimizer, h: torch.Tensor, y: torch.Tensor,
-                  target: torch.Tensor) -> torch.Tensor:
-    """One step of loss_c = mean_b |CE(critic(h), y)(b) − target(b)|; returns the loss before it."""
-    gap = (F.cross_entropy(critic(h), y, reduction="none") - target).abs().mean()
+                  target: torch.Tensor, objective) -> torch.Tensor:
+    """One step of loss_c = mean_b |ℓ(critic(h), y)(b) − target(b)|, ℓ the per-sample loss of
+    the network's objective; returns the loss before it."""
+    gap = (objective.per_sample(critic(h), y) - target).abs().mean()
     optimizer.zero_grad(set_to_none=True)
     gap.backward()
     optimizer.step()

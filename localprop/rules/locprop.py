@@ -43,6 +43,7 @@ import torch
 from torch import nn
 
 from ..errors import check_bool, check_choice, check_finite, check_float, check_int
+from .. import objectives
 from ..topology import Topology, gather, goal_loss
 from .base import Messages, NodeStep, Rule, StepResult
 
@@ -95,6 +96,12 @@ class LocProp(Rule):
             if not getattr(node, "fused", False):
                 raise ValueError(f"node {node.name}: locprop needs LocalLinear nodes (it propagates error "
                                  f"vectors through their weights), got {type(node).__name__}")
+        for goal in topo.goals.values():
+            objective = goal.objective
+            if type(objective) not in (objectives.CrossEntropy, objectives.MSE) or \
+                    getattr(objective, "ignore_index", None) not in (None, objectives.IGNORE_INDEX):
+                raise ValueError(f"goal {goal.node!r}: locprop's error vectors are derived for cross-entropy "
+                                 f"and mse, not loss {objective.name!r}")
         state = nn.Module()
         state.maps = nn.ParameterDict()
         gen = torch.Generator().manual_seed(self.seed)
@@ -185,7 +192,7 @@ class LocProp(Rule):
     def _goal(self, node, topo, h, aux, target, with_message: bool):
         """(loss, ∂ℓ/∂h, ε or None, message or None) of a goal node."""
         goal = topo.goals[node.name]
-        if goal.loss == "cross_entropy":
+        if goal.objective.name == "cross_entropy":
             out = node.goal_error(h, aux, target, with_message)
             return out.loss, out.dlogits, out.err, out.message
         loss = goal_loss("mse", h, target)
@@ -326,7 +333,7 @@ class LocProp(Rule):
     def _code(topo, goal: str, target: torch.Tensor) -> torch.Tensor:
         """The goal's target coded per sample, c [B, C]: onehot(y) − 1/C, or y for mse."""
         node = net_node(topo, goal)
-        if topo.goals[goal].loss == "cross_entropy":
+        if topo.goals[goal].objective.name == "cross_entropy":
             c = node.output_shape[0]  # not the weight's: in a pipeline another rank may hold it
             return torch.nn.functional.one_hot(target.long(), c).to(node.weight.dtype) - 1.0 / c
         return target

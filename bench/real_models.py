@@ -1,0 +1,134 @@
+"""Peak step memory and step time of the local rules on the models users bring, against
+bp and bp with a checkpoint per block: a ResNet-18 (3x32x32) and a GPT-2-small-shaped
+language model (8 layers, d = 256, sequence 256), written as plain nn.Modules
+(localprop.zoo) and localized by lp.localize() into K nodes.
+
+Memory: the allocator's peak of one step above the resident state (localprop.memory:
+CPU counting allocator or the CUDA caching allocator; every kind of step a rule makes,
+PGL's global one included). Time: the median of ``--rounds`` steps per contender,
+alternated in one process so that drift in the machine's load falls on all alike, as a
+ratio to bp's. Greedy is also measured with nodes balanced by measured memory
+(``balance="memory"``), which keeps the high-resolution stage from setting the peak alone.
+
+    python bench/real_models.py [--models resnet18 gpt] [--nodes 2 4 8] [--device cpu]
+
+Rows go to bench/results/real_models.csv; the table is printed as Markdown.
+"""
+from __future__ import annotations
+
+import argparse
+import functools
+import gc
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import common  # noqa: E402
+
+import localprop as lp  # noqa: E402
+from localprop import memory, rules  # noqa: E402
+
+LOCAL_RULES = ("greedy", "sgr", "critic", "pgl")
+SGD = functools.partial(torch.optim.SGD, lr=0.01, momentum=0.9)
+
+
+def resnet_batch(batch: int, device: str):
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(batch, 3, 32, 32, generator=g)
+    return lp.zoo.resnet18, (x.to(device), torch.randint(0, 10, (batch,), generator=g).to(device))
+
+
+def gpt_batch(batch: int, device: str, seq: int = 256, vocab: int = 4096):
+    g = torch.Generator().manual_seed(0)
+    ids = torch.randint(0, vocab, (batch, seq + 1), generator=g).to(device)
+    return functools.partial(lp.zoo.gpt, vocab=vocab, dim=256, layers=8, heads=4, context=seq), \
+        (ids[:, :-1], ids[:, 1:])
+
+
+MODELS = {"resnet18": (resnet_batch, 128), "gpt": (gpt_batch, 8)}
+
+
+def contenders(nodes: list[int], rule_names) -> list[tuple[str, object, int | None, str]]:
+    """(label, rule, K, balance) of every contender: bp, bp+checkpoint per block, then
+    each local rule at each K (greedy also balanced by memory)."""
+    out = [("bp", "bp", None, "count"), ("bp+checkpoint", rules.BP(checkpoint=True, segment=1), None, "count")]
+    for k in nodes:
+        for name in rule_names:
+            out.append((name, name, k, "count"))
+            if name == "greedy":
+                out.append(("greedy (memory-balanced)", name, k, "memory"))
+    return out
+
+
+def build(factory, rule, k, balance, x, device):
+    torch.manual_seed(0)
+    model = factory().to(device)
+    return lp.localize(model, rule, nodes=k, balance=balance, example_input=x[:8] if balance != "count" else None,
+                       optimizer=SGD)
+
+
+def run(model_name: str, nodes: list[int], rule_names, rounds: int, device: str, batch: int | None) -> list[dict]:
+    make, default_batch = MODELS[model_name]
+    factory, (x, y) = make(batch or default_batch, device)
+    rows, nets = [], {}
+    for label, rule, k, balance in contenders(nodes, rule_names):
+        net = build(factory, rule, k, balance, x, device)
+        steps = max(1, getattr(net.rule, "period", 1))
+        m = memory.measure_step(net, x, y, steps=steps)
+        key = (label, k)
+        nets[key] = net
+        rows.append({"model": model_name, "batch": x.shape[0], "rule": label, "nodes": k or len(net.nodes),
+                     "peak_mib": m.peak_bytes / 2**20, "resident_mib": m.resident_bytes / 2**20})
+        print(f"  {model_name} {label:<26} K={k or '-':<3} peak {m.peak_bytes / 2**20:9.1f} MiB", flush=True)
+        gc.collect()
+    times = alternate({key: (lambda n=net: n.train_step(x, y)) for key, net in nets.items()}, rounds)
+    bp_peak, bp_time = rows[0]["peak_mib"], times[("bp", None)]
+    for row, key in zip(rows, nets):
+        row.update(step_s=times[key], time_vs_bp=times[key] / bp_time, memory_vs_bp=row["peak_mib"] / bp_peak,
+                   **common.stamp(device))
+    return rows
+
+
+def alternate(steps: dict, rounds: int) -> dict:
+    """Median seconds per call of each callable, alternated round by round."""
+    times = {key: [] for key in steps}
+    for _ in range(rounds):
+        for key, fn in steps.items():
+            start = time.perf_counter()
+            fn()
+            times[key].append(time.perf_counter() - start)
+    return {key: statistics.median(ts) for key, ts in times.items()}
+
+
+def markdown(rows: list[dict]) -> str:
+    lines = ["| model (batch) | rule | K | peak step MiB | vs bp | step s | time vs bp |",
+             "|---|---|---|---|---|---|---|"]
+    for r in rows:
+        lines.append(f"| {r['model']} ({r['batch']}) | {r['rule']} | {r['nodes']} | {r['peak_mib']:.1f} | "
+                     f"{r['memory_vs_bp']:.2f} | {r['step_s']:.2f} | {r['time_vs_bp']:.2f} |")
+    return "\n".join(lines)
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--models", nargs="+", default=list(MODELS), choices=list(MODELS))
+    p.add_argument("--nodes", nargs="+", type=int, default=[2, 4, 8])
+    p.add_argument("--rules", nargs="+", default=list(LOCAL_RULES))
+    p.add_argument("--rounds", type=int, default=3, help="timed steps per contender (default 3)")
+    p.add_argument("--batch", type=int, default=None, help="batch size (default: 128 ResNet, 8 GPT)")
+    p.add_argument("--device", default="cpu")
+    args = p.parse_args()
+    rows = []
+    for name in args.models:
+        rows += run(name, args.nodes, args.rules, args.rounds, args.device, args.batch)
+    path = common.append_rows("real_models", rows)
+    print(markdown(rows))
+    print(f"rows appended to {path}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,62 @@
+"""The memory profile of a model of one's own: lp.memory.compare_model, lp.memory.timeline
+and ``localprop profile --model``."""
+import json
+
+import pytest
+import torch
+
+import localprop as lp
+from localprop.cli import main
+
+
+def tiny_resnet():
+    return lp.zoo.resnet18(width=4, classes=5)
+
+
+def tiny_gpt():
+    return lp.zoo.gpt(vocab=32, dim=16, layers=4, heads=2, context=16)
+
+
+def batch():
+    g = torch.Generator().manual_seed(0)
+    return torch.randn(8, 3, 12, 12, generator=g), torch.randint(0, 5, (8,), generator=g)
+
+
+def test_local_rules_take_less_memory_than_backprop_on_a_resnet():
+    x, y = batch()
+    rows = {m.rule: m for m in lp.memory.compare_model(tiny_resnet, x, y, rules=["bp", "greedy", "pgl"], nodes=4)}
+    assert rows["greedy"].peak_bytes < rows["bp"].peak_bytes
+    # pgl's period includes a global step (checkpointed end-to-end backprop): more than greedy's
+    assert rows["pgl"].peak_bytes > rows["greedy"].peak_bytes
+
+
+def test_the_timeline_peak_is_the_measured_peak():
+    """Two readings of the same allocator: the peak of the sampled timeline is the step's peak."""
+    x, y = batch()
+    torch.manual_seed(0)
+    measured = lp.memory.measure_step(lp.localize(tiny_resnet(), nodes=4), x, y)
+    torch.manual_seed(0)
+    line = lp.memory.timeline(lp.localize(tiny_resnet(), nodes=4), x, y)
+    assert max(line.peaks) == measured.peak_bytes
+    assert line.events[0] == "start" and line.events[-1] == "end"
+    assert any(e.startswith("gradient nodes.3") for e in line.events)
+
+
+def test_profile_command_on_a_users_model(tmp_path, capsys):
+    code = main(["profile", "--model", "tests.test_profile_model:tiny_gpt", "--tokens", "32,10", "--batch", "4",
+                 "--nodes", "2", "--rules", "bp", "greedy", "--out", str(tmp_path), "--quiet"])
+    assert code == 0
+    rows = json.loads((tmp_path / "profile.json").read_text())
+    assert [r["rule"] for r in rows] == ["bp", "greedy"] and all(r["peak_bytes"] > 0 for r in rows)
+    assert (tmp_path / "profile.png").stat().st_size > 0
+    assert "tests.test_profile_model:tiny_gpt, batch 4, 2 nodes" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("argv,message", [
+    (["--model", "tests.test_profile_model:tiny_gpt"], "give --input-shape C,H,W"),
+    (["--model", "tests.test_profile_model:nothing", "--tokens", "3,4"], "importable"),
+    (["--model", "tests.test_profile_model:tiny_gpt", "--tokens", "32"], "expected VOCAB,SEQ"),
+])
+def test_profile_command_errors(argv, message, tmp_path, capsys):
+    assert main(["profile", *argv, "--out", str(tmp_path), "--quiet"]) == 2
+    assert message in capsys.readouterr().err
