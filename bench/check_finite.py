@@ -80,12 +80,11 @@ def measure(name: str, make, shape: tuple[int, ...], nodes: int, rounds: int, pe
     steps = {check: functools.partial(net.train_step, x, y) for check, net in nets.items()}
     ms = {check: median for check, (median, _) in timings_ms(steps, rounds, per_round).items()}
     env, alone = stamp(), checks_ms(nets[True], x)
-    return {"date": env["date"], "model": name, "nodes": nodes, "batch": BATCH, "backend": "cpp",
+    return {**env, "model": name, "nodes": nodes, "batch": BATCH, "backend": "cpp",
             "on_ms": round(ms[True], 4), "off_ms": round(ms[False], 4),
             "overhead_pct": round(100 * (ms[True] - ms[False]) / ms[False], 2),
             "checks_ms": round(alone["checks"], 5), "checks_pct": round(100 * alone["checks"] / ms[False], 3),
-            "params_ms": round(alone["params"], 5), "params_pct": round(100 * alone["params"] / ms[False], 3),
-            "device": env["device"], "threads": env["threads"], "torch": env["torch"], "git": env["git"]}
+            "params_ms": round(alone["params"], 5), "params_pct": round(100 * alone["params"] / ms[False], 3)}
 
 
 def main() -> None:

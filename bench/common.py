@@ -1,55 +1,91 @@
-"""What every benchmark script shares: the environment stamp of a result row and CSV output."""
+"""What every benchmark script shares: the environment stamp of a result row, CSV output in
+the one results schema (localprop.benchresults) and paired timings.
+
+A script builds its rows as dicts of its own columns beside stamp()'s; append_rows turns
+each into one schema row per measured figure, by the script's entry in SPECS: which column
+names the provider (and the case), which are figures, which ratio goes with a figure. The
+other columns are the case's parameters, written to ``shape`` as ``key=value``.
+"""
 from __future__ import annotations
 
-import csv
-import datetime
-import platform
 import statistics
-import subprocess
 import time
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
-import torch
+from localprop import benchresults
 
 RESULTS = Path(__file__).resolve().parent / "results"
+#: the columns stamp() adds, which go to the schema's own columns, not to ``shape``
+STAMP = ("date", "device", "threads", "versions", "git_sha")
 
 
-def git_sha() -> str:
-    try:
-        return subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
-                              check=True, cwd=RESULTS.parent).stdout.strip()
-    except (OSError, subprocess.CalledProcessError):
-        return "unknown"
+@dataclass(frozen=True)
+class Spec:
+    """How one script's rows map to the schema."""
+    provider: str                       #: column naming the provider (a rule, backend, run)
+    figures: tuple[str, ...]            #: columns holding measured figures, one schema row each
+    case: str | None = None             #: column naming the case (default: the result's name)
+    ratios: dict[str, str] = field(default_factory=dict)  #: figure column -> its ratio column
+    baseline: str = ""                  #: the provider those ratios are to
 
 
-def cpu_name() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
+SPECS = {
+    "balance_memory": Spec("rule", ("peak_mib",), ratios={"peak_mib": "ratio_bp"}, baseline="bp"),
+    "check_finite": Spec("backend", ("on_ms", "off_ms", "overhead_pct", "checks_ms", "checks_pct")),
+    "check_finite_params": Spec("backend", ("on_ms", "off_ms", "overhead_pct", "checks_ms", "checks_pct",
+                                            "params_ms", "params_pct")),
+    "cpu_fused": Spec("backend", ("median_ms", "ratio_vs_gemm_floor"), case="op",
+                      ratios={"median_ms": "ratio_vs_plain"}, baseline="plain"),
+    "distributed": Spec("run", ("samples_per_s", "bubble", "peak_kib_per_rank", "single_bp_peak_kib"),
+                        ratios={"samples_per_s": "speedup"}, baseline="single-process greedy"),
+    "engine_accuracy": Spec("rule", ("acc_mean", "acc_std", "acc_min")),
+    "engine_memory": Spec("rule", ("peak_mib", "resident_mib"), ratios={"peak_mib": "ratio_vs_bp"}, baseline="bp"),
+    "engine_time": Spec("rule", ("median_ms",), ratios={"median_ms": "ratio_vs_bp"}, baseline="bp"),
+    "locprop_accuracy": Spec("rule", ("acc_mean", "acc_std", "s_per_epoch")),
+    "locprop_concurrency": Spec("concurrent", ("median_ms", "speedup")),
+    "locprop_memory": Spec("rule", ("peak_mib", "resident_mib", "bp_over_this")),
+    "locprop_time_to_target": Spec("rule", ("seconds_median", "steps_median")),
+    "real_models": Spec("rule", ("peak_mib", "resident_mib", "step_s", "time_vs_bp", "memory_vs_bp")),
+    "rules": Spec("rule", ("acc_mean", "acc_std", "exit0.9_acc", "exit0.9_flops", "diverged", "peak_bytes",
+                           "s_per_epoch")),
+}
 
 
 def stamp(device: str = "cpu") -> dict:
-    """Columns that say where and with what a row was measured."""
-    name = torch.cuda.get_device_name() if device.startswith("cuda") else cpu_name()
-    return {"date": datetime.date.today().isoformat(), "device": name, "threads": torch.get_num_threads(),
-            "torch": torch.__version__, "git": git_sha()}
+    """Columns that say where and with what a row was measured (benchresults.environment)."""
+    return benchresults.environment(device)
+
+
+def to_results(name: str, row: dict) -> list[benchresults.Result]:
+    """The schema rows of one script row of result ``name`` (see SPECS): one per figure
+    present; a figure given as several numbers (one per rank) gives one row per number,
+    its place in ``shape`` as ``item=i``."""
+    spec = SPECS[name]
+    taken = {*STAMP, spec.provider, spec.case, "dtype", *spec.figures, *spec.ratios.values()}
+    params = " ".join(f"{k}={v}".replace(" ", "_") for k, v in row.items() if k not in taken and v != "")
+    provider = str(row[spec.provider])
+    if provider in ("True", "False"):  # a switch: say which
+        provider = f"{spec.provider}={provider}"
+    common = {"case": str(row[spec.case]) if spec.case else name, "provider": provider,
+              "dtype": str(row.get("dtype", "")), **{k: row.get(k, "") for k in STAMP}}
+    out = []
+    for figure in (f for f in spec.figures if row.get(f, "") != ""):
+        ratio = row.get(spec.ratios.get(figure, ""), "")
+        extra = {"ratio": float(ratio), "baseline": spec.baseline} if ratio != "" else {}
+        values = str(row[figure]).split()
+        for i, value in enumerate(values):
+            shape = f"{params} item={i}" if len(values) > 1 else params
+            out.append(benchresults.Result(**common, metric=figure, median=float(value), shape=shape.strip(),
+                                           **extra))
+    return out
 
 
 def append_rows(name: str, rows: list[dict]) -> Path:
-    """Append ``rows`` to bench/results/<name>.csv (header written when the file is new)."""
-    path = RESULTS / f"{name}.csv"
-    new = not path.exists()
-    with path.open("a", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=list(rows[0]))
-        if new:
-            writer.writeheader()
-        writer.writerows(rows)
-    return path
+    """Append ``rows`` (a script's dicts, with stamp()'s columns) to bench/results/<name>.csv
+    in the results schema."""
+    return benchresults.write(RESULTS / f"{name}.csv", [r for row in rows for r in to_results(name, row)])
 
 
 def timings_ms(steps: dict[str, Callable[[], object]], rounds: int, per_round: int) -> dict[str, tuple[float, float]]:

@@ -13,7 +13,8 @@ last node width -> 10) at batch 256, one greedy training step is timed four ways
 
     python bench/fused_cpu.py [--widths 256 512 1024] [--rounds 15]
 
-prints the medians and ratios and appends rows to bench/results/cpu_fused.csv.
+prints the medians and ratios and appends rows to bench/results/cpu_fused.csv (results schema,
+localprop.benchresults).
 """
 from __future__ import annotations
 
@@ -96,11 +97,10 @@ def measure(width: int, rounds: int, per_round: int) -> list[dict]:
     ms = timings_ms({name: make(width) for name, make in VARIANTS.items()}, rounds, per_round)
     plain, floor = ms["plain"][0], ms["gemm_floor"][0]
     env = stamp()
-    return [{"date": env["date"], "op": "greedy_step" if name != "gemm_floor" else "gemm_floor",
+    return [{**env, "op": "greedy_step" if name != "gemm_floor" else "gemm_floor",
              "backend": name.removeprefix("fused_"), "width": width, "depth": DEPTH, "batch": BATCH,
              "dtype": "float32", "median_ms": round(t, 4), "ratio_vs_plain": round(t / plain, 3),
-             "ratio_vs_gemm_floor": round(t / floor, 3), "device": env["device"], "threads": env["threads"],
-             "torch": env["torch"], "git": env["git"], "min_ms": t_min} for name, (t, t_min) in ms.items()]
+             "ratio_vs_gemm_floor": round(t / floor, 3), "min_ms": t_min} for name, (t, t_min) in ms.items()]
 
 
 def main() -> None:

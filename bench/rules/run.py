@@ -148,15 +148,15 @@ def main() -> None:
             row = {"date": stamp["date"], "dataset": dataset, "model": model, "depth": depth, "rule": rule,
                    "epochs": epochs, "batch": batch, "seeds": args.seeds, "exit0.9_acc": "", "exit0.9_flops": ""}
             row.update(run_rule(rule, split, make, epochs, args.seeds, batch))
-            row.update({"device": stamp["device"], "threads": stamp["threads"], "torch": stamp["torch"],
-                        "git": stamp["git"]})
+            row.update({"device": stamp["device"], "threads": stamp["threads"], "versions": stamp["versions"],
+                        "git_sha": stamp["git_sha"]})
             rows.append(row)
             print(markdown([row]).splitlines()[-1], flush=True)
     if not args.quick:
         print("->", common.append_rows("rules", rows))
         path = common.RESULTS / "rules.md"
         path.write_text(f"# Learning rules benchmark\n\n{stamp['date']}, {stamp['device']}, {stamp['threads']} "
-                        f"threads, torch {stamp['torch']}, git {stamp['git']}; `python bench/rules/run.py`. "
+                        f"threads, {stamp['versions']}, git {stamp['git_sha']}; `python bench/rules/run.py`. "
                         f"{args.seeds} seeds, batch {args.batch}, epochs {args.epochs}. Peak step memory: "
                         f"allocator peak of one training step above the resident model (CPU).\n\n" + markdown(rows))
         print("->", path)
