@@ -22,4 +22,5 @@ from .ops import BackendUnavailable
 __version__ = "0.1.0"
 
 __all__ = ["LocalSequential", "LocalGraph", "LocalLinear", "ModuleNode", "Node", "Prediction", "localize",
-           "mlp", "mlp_nodes", "checkpoint", "memory", "objectives", "ops", "rules", "zoo", "BackendUnavailable", "__version__"]
+           "mlp", "mlp_nodes", "checkpoint", "memory", "objectives", "ops", "rules", "zoo", "BackendUnavailable",
+           "__version__"]

@@ -77,6 +77,10 @@ class LocalSequential(Network):
         backend: backend of the fused ops: "reference", "cpp", "triton", "cuda" or "auto"
             (default: $LOCALPROP_BACKEND, else "auto").
         check_finite: raise FloatingPointError on a non-finite input or loss (default True).
+        max_grad_norm: clip each update's gradient to this norm, as clip_grad_norm_ does: per
+            node (its parameters and its head's) under local rules, over the whole network
+            under bp; on fused nodes computed inside the update, without materialising dW
+            when the batch is the smaller side (default None: no clipping).
 
     Networks whose nodes all have known shapes (LocalLinear) are built at once; others
     are built by :meth:`build` or on the first batch, by a dry run.
@@ -86,8 +90,8 @@ class LocalSequential(Network):
                  loss: str | objectives.Objective | Callable | None = None,
                  heads: str | HeadFactory | None = None, optimizer: OptimizerFactory | None = None,
                  backend: str | None = None, check_finite: bool = True,
-                 variable_dims: tuple[int, ...] | None = None) -> None:
-        super().__init__(rule, optimizer, backend, check_finite)
+                 variable_dims: tuple[int, ...] | None = None, max_grad_norm: float | None = None) -> None:
+        super().__init__(rule, optimizer, backend, check_finite, max_grad_norm)
         if not nodes:
             raise ValueError("LocalSequential needs at least one node")
         if num_classes is not None and (not isinstance(num_classes, int) or num_classes < 2):

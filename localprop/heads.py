@@ -31,8 +31,8 @@ def default_head(shape: tuple[int, ...], size: int, per_position: bool = False, 
     """
     if per_position or (tokens and len(shape) == 2):
         if len(shape) != 2:
-            raise ValueError(f"a per-position head needs node outputs [B, T, D], got [B, {', '.join(map(str, shape))}]: "
-                             f"give heads= a factory")
+            raise ValueError(f"a per-position head needs node outputs [B, T, D], got "
+                             f"[B, {', '.join(map(str, shape))}]: give heads= a factory")
         head = TokenHead(shape[1], size)
         return head if per_position else nn.Sequential(MeanOverPositions(), head)
     if len(shape) == 1:

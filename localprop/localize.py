@@ -31,27 +31,53 @@ def units(children: Sequence[nn.Module]) -> list[list[nn.Module]]:
 BALANCES = ("count", "params", "memory", "time")
 
 
-def split_balanced(parts: Sequence[list[nn.Module]], nodes: int, costs: Sequence[float] | None = None) -> list[nn.Module]:
-    """Join consecutive ``parts`` into ``nodes`` groups. Without ``costs``, the groups'
-    counts of parts differ by at most one (earlier groups take the extra); with a cost per
-    part, the contiguous split whose largest summed cost is smallest. A group of one
-    module is that module itself."""
+def group_counts(blocks: int, nodes: int, costs: Sequence[float] | None = None) -> list[int]:
+    """How many of ``blocks`` consecutive blocks each of ``nodes`` groups takes. Without
+    ``costs``, counts that differ by at most one (earlier groups take the extra); with a
+    cost per block, the contiguous split whose largest summed cost is smallest."""
+    if costs is None:
+        size, extra = divmod(blocks, nodes)
+        return [size + (k < extra) for k in range(nodes)]
+    from .distributed.partition import partition  # the same contiguous min-max split as the pipeline's
+
+    return partition(list(costs), nodes)
+
+
+def split_balanced(parts: Sequence[list[nn.Module]], nodes: int, costs: Sequence[float] | None = None,
+                   checkpoint: bool = False) -> list[nn.Module]:
+    """Join consecutive ``parts`` into ``nodes`` groups (see :func:`group_counts`). A group
+    of one module is that module itself; with ``checkpoint``, a group of several parts is
+    a :class:`Segments` that recomputes each part in its backward."""
     if not 1 <= nodes <= len(parts):
         raise ValueError(f"nodes must lie in [1, {len(parts)}] for a model of {len(parts)} blocks with "
                          f"parameters, got {nodes}")
-    if costs is None:
-        size, extra = divmod(len(parts), nodes)
-        counts = [size + (k < extra) for k in range(nodes)]
-    else:
-        from .distributed.partition import partition  # the same contiguous min-max split as the pipeline's
-
-        counts = partition(list(costs), nodes)
     groups, start = [], 0
-    for count in counts:
-        modules = [m for part in parts[start:start + count] for m in part]
-        groups.append(modules[0] if len(modules) == 1 else nn.Sequential(*modules))
+    for count in group_counts(len(parts), nodes, costs):
+        mine = parts[start:start + count]
+        modules = [m for part in mine for m in part]
+        if checkpoint and len(mine) > 1:
+            groups.append(Segments(modules, [len(part) for part in mine]))
+        else:
+            groups.append(modules[0] if len(modules) == 1 else nn.Sequential(*modules))
         start += count
     return groups
+
+
+class Segments(nn.Sequential):
+    """An nn.Sequential (the same children, the same state_dict keys) run in segments of
+    ``sizes`` modules, each checkpointed: its activations are recomputed in the backward,
+    one segment at a time, so a node holds one segment's working set."""
+
+    def __init__(self, modules: Sequence[nn.Module], sizes: Sequence[int]) -> None:
+        super().__init__(*modules)
+        self.sizes = list(sizes)
+
+    def forward(self, h: torch.Tensor) -> torch.Tensor:
+        modules, start = list(self), 0
+        for size in self.sizes:
+            h = trace.checkpointed(nn.Sequential(*modules[start:start + size]), h)
+            start += size
+        return h
 
 
 def part_costs(parts: Sequence[list[nn.Module]], balance: str, example: torch.Tensor | None) -> list[float] | None:
@@ -108,7 +134,8 @@ def localize(model: nn.Module | Sequence[nn.Module], rule: str | rules.Rule = "g
              block: type | tuple[type, ...] | None = None, inputs: Sequence[str] = (),
              loss=None, num_classes: int | None = None, heads=None, optimizer: OptimizerFactory | None = None,
              backend: str | None = None, example_input: torch.Tensor | None = None, balance: str = "count",
-             check_finite: bool = True, variable_dims: tuple[int, ...] | None = None) -> LocalSequential:
+             check_finite: bool = True, variable_dims: tuple[int, ...] | None = None,
+             checkpoint: bool = False, max_grad_norm: float | None = None) -> LocalSequential:
     """Make ``model`` a chain of nodes that learn locally; its own modules are trained in
     place (after training, ``model`` is the trained model).
 
@@ -128,7 +155,7 @@ def localize(model: nn.Module | Sequence[nn.Module], rule: str | rules.Rule = "g
 
     Args:
         model: the model: any ``nn.Module``, an ``nn.Sequential`` or a list of blocks.
-        rule, loss, num_classes, heads, optimizer, backend, check_finite, variable_dims: as
+        rule, loss, num_classes, heads, optimizer, backend, check_finite, variable_dims, max_grad_norm: as
             in :class:`LocalSequential` (``loss`` e.g. "mse" or a callable; ``num_classes``
             is inferred from the model's output).
         nodes: K, group the blocks into K contiguous, balanced nodes (default: one per block).
@@ -145,18 +172,25 @@ def localize(model: nn.Module | Sequence[nn.Module], rule: str | rules.Rule = "g
             peak alone) or "time"; "memory" and "time" need ``example_input``.
         example_input: a batch [B, ...] for the dry run that finds every node's output shape
             (and so its head); without it the dry run happens on the first batch.
+        checkpoint: checkpointing inside each node: every block is recomputed during its
+            node's local backward, so a local step holds the node's boundary tensors and one
+            block's activations, not all of its blocks' (torch.utils.checkpoint: a block's
+            forward runs twice, and layers with running statistics, BatchNorm's, update
+            them twice a step, as under any checkpointing).
 
     Returns a :class:`LocalSequential`. Errors name the split point, module or op in the way.
     """
     if balance not in BALANCES:
         raise ValueError(f"localize: balance must be one of {', '.join(BALANCES)}, got {balance!r}")
     common = {"rule": rule, "num_classes": num_classes, "loss": loss, "heads": heads, "optimizer": optimizer,
-              "backend": backend, "check_finite": check_finite, "variable_dims": variable_dims}
+              "backend": backend, "check_finite": check_finite, "variable_dims": variable_dims,
+              "max_grad_norm": max_grad_norm}
     listed = isinstance(model, (list, tuple, nn.ModuleList))
     if listed or (isinstance(model, nn.Sequential) and split_points is None and block is None and not inputs):
-        net = _localize_blocks(model, nodes, balance, example_input, common)
+        net = _localize_blocks(model, nodes, balance, example_input, checkpoint, common)
     elif isinstance(model, nn.Module):
-        net = _localize_traced(model, nodes, split_points, block, tuple(inputs), balance, example_input, common)
+        net = _localize_traced(model, nodes, split_points, block, tuple(inputs), balance, example_input,
+                               checkpoint, common)
     else:
         raise TypeError(f"localize() takes an nn.Module, an nn.Sequential or a list of nn.Module blocks, "
                         f"got {type(model).__name__}")
@@ -167,7 +201,7 @@ def localize(model: nn.Module | Sequence[nn.Module], rule: str | rules.Rule = "g
     return net
 
 
-def _localize_blocks(model, nodes, balance, example_input, common) -> LocalSequential:
+def _localize_blocks(model, nodes, balance, example_input, checkpoint, common) -> LocalSequential:
     """An nn.Sequential or a list of blocks: a node per child with parameters, grouped."""
     children = list(model.children()) if isinstance(model, nn.Sequential) else list(model)
     if not all(isinstance(m, nn.Module) for m in children):
@@ -176,11 +210,12 @@ def _localize_blocks(model, nodes, balance, example_input, common) -> LocalSeque
         raise ValueError("localize() got a model with no blocks")
     parts = units(children)
     costs = part_costs(parts, balance, example_input) if nodes is not None else None
-    blocks = split_balanced(parts, len(parts) if nodes is None else nodes, costs)
+    blocks = split_balanced(parts, len(parts) if nodes is None else nodes, costs, checkpoint)
     return LocalSequential(*blocks, **common)
 
 
-def _localize_traced(model, nodes, split_points, block, inputs, balance, example_input, common) -> LocalSequential:
+def _localize_traced(model, nodes, split_points, block, inputs, balance, example_input, checkpoint,
+                     common) -> LocalSequential:
     """Any nn.Module, by its traced graph (localprop.trace)."""
     blocks = trace.find_blocks(model, block)
     if not blocks and split_points is None:
@@ -203,7 +238,7 @@ def _localize_traced(model, nodes, split_points, block, inputs, balance, example
         costs = _block_costs(model, blocks, inputs, balance, example_input) if count < len(blocks) else None
         starts = _starts(blocks, count, costs)
         leaves = blocks
-    cut = trace.split(model, starts, leaves, inputs)
+    cut = trace.split(model, starts, leaves, inputs, checkpoint)
     net = LocalSequential(*cut.nodes, **common)
     net.input_names, net.input_defaults = cut.input_names, cut.defaults
     for node in cut.nodes:
@@ -219,15 +254,8 @@ def _called(model: nn.Module, blocks: list[str], inputs) -> list[str]:
 
 def _starts(blocks: list[str], count: int, costs: list[float] | None) -> list[str]:
     """The blocks that start nodes 1..count-1 when ``blocks`` are grouped into ``count``."""
-    if costs is None:
-        size, extra = divmod(len(blocks), count)
-        counts = [size + (k < extra) for k in range(count)]
-    else:
-        from .distributed.partition import partition
-
-        counts = partition(list(costs), count)
     firsts, at = [], 0
-    for c in counts[:-1]:
+    for c in group_counts(len(blocks), count, costs)[:-1]:
         at += c
         firsts.append(blocks[at])
     return firsts

@@ -13,6 +13,7 @@ import torch
 from torch import nn
 
 from . import optim, rules
+from .errors import check_float
 from .ops import backends, fused_update
 from .topology import Topology
 
@@ -32,12 +33,14 @@ class Network(nn.Module, abc.ABC):
     """
 
     def __init__(self, rule: str | rules.Rule, optimizer: OptimizerFactory | None, backend: str | None,
-                 check_finite: bool) -> None:
+                 check_finite: bool, max_grad_norm: float | None = None) -> None:
         super().__init__()
         self.rule = rules.resolve(rule)
         self.optimizer_factory = optimizer or DEFAULT_OPTIMIZER
         self.backend_request = backends.requested(backend)
         self.check_finite = check_finite
+        self.max_grad_norm = None if max_grad_norm is None else \
+            check_float(type(self).__name__, "max_grad_norm", max_grad_norm, 0, open_low=True)
         self.steps = 0
         self.built = False
         self._backend_for: dict[torch.device, str] = {}
@@ -73,7 +76,7 @@ class Network(nn.Module, abc.ABC):
         over the parameters the rule gives it (none for a node without any)."""
         order = self.topology().order
         for node in order:
-            node.check_finite = self.check_finite
+            node.check_finite, node.max_grad_norm = self.check_finite, self.max_grad_norm
         self.rule.attach(self)
         for node in order:
             params = self.rule.node_parameters(node)

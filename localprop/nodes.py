@@ -76,6 +76,9 @@ class Node(nn.Module):
         self.optimizer: torch.optim.Optimizer | None = None
         self.backend = "reference"
         self.check_finite = True
+        #: clip the gradient of each step (the node's and its head's parameters together) to
+        #: this norm, as torch.nn.utils.clip_grad_norm_ does; None: no clipping
+        self.max_grad_norm: float | None = None
         #: what ``labels=`` targets are scored with (the network's objective, set when it builds)
         self.objective: objectives.Objective = objectives.CrossEntropy()
         self.input_shape: tuple[int, ...] | None = None   #: per-sample shape it expects
@@ -182,7 +185,10 @@ class Node(nn.Module):
 
     def step_optimizer(self, step: int) -> None:
         """One step of the node's optimizer on the gradients in ``.grad``, which are then
-        freed; FloatingPointError if it made a parameter non-finite (see :meth:`check_update`)."""
+        freed; FloatingPointError if it made a parameter non-finite (see :meth:`check_update`).
+        With ``max_grad_norm``, the gradients are clipped first (clip_grad_norm_)."""
+        if self.max_grad_norm is not None:
+            nn.utils.clip_grad_norm_(self.optimized_parameters(), self.max_grad_norm)
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
         self.check_update(self.optimized_parameters(), step)
@@ -385,7 +391,7 @@ class LocalLinear(Node):
         by the node's optimizer, through its ``step()`` (hooks and schedulers see it), then
         :meth:`check_update` of those parameters."""
         with torch.no_grad():
-            ops.update(self.optimizer, list(grads), backend=self.backend)
+            ops.update(self.optimizer, list(grads), backend=self.backend, max_norm=self.max_grad_norm)
         updated = {id(t): t for g in grads for t in (g.weight, g.bias) if t is not None}
         self.check_update(updated.values(), step)
 

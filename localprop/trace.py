@@ -22,6 +22,7 @@ from dataclasses import dataclass
 from typing import Iterable, Sequence
 
 import torch
+import torch.utils.checkpoint
 from torch import fx, nn
 
 from .nodes import ModuleNode
@@ -98,11 +99,14 @@ def find_blocks(model: nn.Module, block: type | tuple[type, ...] | None) -> list
     return _outermost(names)
 
 
-def split(model: nn.Module, starts: Sequence[str], leaves: Iterable[str], inputs: Sequence[str] = ()) -> Split:
+def split(model: nn.Module, starts: Sequence[str], leaves: Iterable[str], inputs: Sequence[str] = (),
+          checkpoint: bool = False) -> Split:
     """Cut ``model``'s traced forward into len(starts) + 1 nodes, a new node beginning at
     the call of each module named in ``starts``; ``leaves``: modules traced as whole
     calls (the split points are too); ``inputs``: forward parameters with a default that
-    are still given per batch (others with a default are fixed at it for the trace)."""
+    are still given per batch (others with a default are fixed at it for the trace).
+    ``checkpoint``: every call of a leaf with parameters is checkpointed (its activations
+    recomputed in the node's backward, one block at a time)."""
     names = dict(model.named_modules())
     for s in starts:
         _check_name(model, names, s, "split point")
@@ -120,7 +124,8 @@ def split(model: nn.Module, starts: Sequence[str], leaves: Iterable[str], inputs
     first = next(n for n in gm.graph.nodes if n.op == "placeholder")
     crossing = _crossing(gm.graph, part, carries, count, first)
     labels = ["from the model's input"] + [f"from {s!r}" for s in starts]
-    nodes = [_node(gm, part, k, count, crossing, labels[k]) for k in range(count)]
+    recompute = set(leaves) | set(starts) if checkpoint else set()
+    nodes = [_node(gm, part, k, count, crossing, labels[k], recompute) for k in range(count)]
     kw = tuple(n.target for n in gm.graph.nodes if n.op == "placeholder" and n is not first)
     params = inspect.signature(model.forward).parameters
     defaults = {n: params[n].default for n in kw if n in params and params[n].default is not inspect.Parameter.empty}
@@ -229,8 +234,10 @@ def _check_activation(n: fx.Node, home: int, users: list[int], part, activation:
                          f"passes from a node to the next, so split where one tensor crosses (between blocks)")
 
 
-def _node(gm: fx.GraphModule, part, k: int, count: int, crossing: _Crossing, label: str) -> TracedNode:
-    """Node k as a standalone GraphModule: (u, *reads) -> h or (h, *writes)."""
+def _node(gm: fx.GraphModule, part, k: int, count: int, crossing: _Crossing, label: str,
+          recompute: set[str]) -> TracedNode:
+    """Node k as a standalone GraphModule: (u, *reads) -> h or (h, *writes); the calls of
+    the modules in ``recompute`` checkpointed."""
     graph, env = fx.Graph(), {}
     source = next(n for n in gm.graph.nodes if n.op == "placeholder") if k == 0 else crossing.activation[k]
     env[source] = graph.placeholder("u")
@@ -244,7 +251,10 @@ def _node(gm: fx.GraphModule, part, k: int, count: int, crossing: _Crossing, lab
         return env[a]
 
     for n in gm.graph.nodes:
-        if part.get(n) == k and n.op not in ("output", "placeholder", "get_attr"):
+        if part.get(n) == k and n.op == "call_module" and n.target in recompute:
+            module = graph.get_attr(n.target)
+            env[n] = graph.call_function(checkpointed, (module, *fx.map_arg(n.args, arg)), fx.map_arg(n.kwargs, arg))
+        elif part.get(n) == k and n.op not in ("output", "placeholder", "get_attr"):
             env[n] = graph.node_copy(n, arg)
     if k == count - 1:
         out = fx.map_arg(next(n for n in gm.graph.nodes if n.op == "output").args[0], arg)
@@ -257,6 +267,14 @@ def _node(gm: fx.GraphModule, part, k: int, count: int, crossing: _Crossing, lab
     graph.output((out, *[env[n] for n in writes]) if writes else out)
     return TracedNode(fx.GraphModule(gm, graph), [_value_name(n) for n in reads],
                       [_value_name(n) for n in writes], label)
+
+
+def checkpointed(module: nn.Module, *args, **kwargs):
+    """``module(*args, **kwargs)``, its activations recomputed in the backward when
+    autograd records (torch.utils.checkpoint, non-reentrant: gradients of any order)."""
+    if not torch.is_grad_enabled():
+        return module(*args, **kwargs)
+    return torch.utils.checkpoint.checkpoint(module, *args, use_reentrant=False, **kwargs)
 
 
 # ---- small helpers ----------------------------------------------------------------------

@@ -11,6 +11,7 @@ from torch import nn
 
 import localprop as lp
 from localprop import ops
+from localprop.ops.update import grad_norm_sq
 
 F64 = torch.float64
 SGD, Adam, AdamW = torch.optim.SGD, torch.optim.Adam, torch.optim.AdamW
@@ -272,3 +273,50 @@ def test_cpu_autocast_leaves_fused_cpp_nodes_in_float32():
     with torch.autocast("cpu", dtype=torch.bfloat16):
         cast.train_step(x, y)
     assert all(torch.equal(p, q) for p, q in zip(plain.parameters(), cast.parameters()))
+
+
+# ---- gradient clipping ---------------------------------------------------------------------
+
+@pytest.mark.parametrize("backend", ["reference", "cpp"])
+@pytest.mark.parametrize("max_norm", [0.05, 1e3])  # clipping every step, and never
+def test_max_grad_norm_on_fused_nodes_is_clip_grad_norm(backend, max_norm):
+    """Fused nodes clip inside the update (from Gram matrices, no dW); autograd nodes call
+    clip_grad_norm_ on the node's and head's parameters: the same steps (float64)."""
+    torch.manual_seed(0)
+    make = OPTIMIZERS["sgd-momentum+wd"]
+    fused = fused_net(make, backend)
+    fused.max_grad_norm = max_norm
+    reference = autograd_net(fused, make)
+    for net in (fused, reference):
+        for node in net.nodes:
+            node.max_grad_norm = max_norm
+    for x, y in batches():
+        fused.train_step(x, y)
+        reference.train_step(x, y)
+    for got, want in zip(node_tensors(fused), node_tensors(reference)):
+        for a, b in zip(got, want):
+            assert torch.allclose(a, b, rtol=0, atol=1e-12)
+
+
+@pytest.mark.parametrize("rows", [3, 40])  # the Gram form (batch smaller) and dW itself
+def test_the_gradient_norm_of_a_linear_grad(rows):
+    gen = torch.Generator().manual_seed(rows)
+    err, inp = torch.randn(rows, 7, generator=gen, dtype=F64), torch.randn(rows, 5, generator=gen, dtype=F64)
+    w, b = torch.zeros(7, 5, dtype=F64), torch.zeros(7, dtype=F64)
+    want = (err.t() @ inp).square().sum() + err.sum(0).square().sum()
+    assert torch.allclose(grad_norm_sq(ops.LinearGrad(w, b, err, inp)), want, rtol=1e-13, atol=0)
+
+
+def test_max_grad_norm_under_bp_clips_the_whole_network():
+    torch.manual_seed(0)
+    net = lp.mlp([9, 16, 4], rule="bp", dtype=F64, max_grad_norm=0.01, optimizer=functools.partial(SGD, lr=1.0))
+    before = [p.detach().clone() for p in net.parameters()]
+    x, y = batches(1)[0]
+    net.train_step(x, y)
+    step = torch.cat([(p.detach() - q).flatten() for p, q in zip(net.parameters(), before)])
+    assert torch.allclose(step.norm(), torch.tensor(0.01, dtype=F64), rtol=1e-4)  # lr 1: the step is the gradient
+
+
+def test_max_grad_norm_must_be_positive():
+    with pytest.raises(ValueError, match="LocalSequential: max_grad_norm must be > 0, got 0.0"):
+        lp.mlp([9, 4], max_grad_norm=0.0)

@@ -159,8 +159,8 @@ def plot_model(rows: list[dict], lines: list[memory.Timeline], path: Path) -> No
 def run(args) -> int:
     if args.model is not None:
         return run_model(args)
-    rows = profile(args.rules or list(DEFAULT_RULES), args.depths, args.batches, args.width, args.in_features, device=args.device,
-                   backend=args.backend, progress=not args.quiet)
+    rows = profile(args.rules or list(DEFAULT_RULES), args.depths, args.batches, args.width, args.in_features,
+                   device=args.device, backend=args.backend, progress=not args.quiet)
     print_table(rows)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)

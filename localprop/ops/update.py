@@ -48,10 +48,35 @@ def merge(grads: list[LinearGrad]) -> list[LinearGrad]:
     return merged
 
 
-def update(optimizer: torch.optim.Optimizer, grads: list[LinearGrad], *, backend: str) -> None:
+def grad_norm_sq(g: LinearGrad) -> torch.Tensor:
+    """‖errᵀ inp‖²_F + ‖Σ_b err‖² [] (the bias term without a bias: 0), without
+    materialising dW when the batch is the smaller side: ‖εᵀu‖²_F = Σ (εεᵀ) ⊙ (uuᵀ), two
+    [B, B] Gram matrices, B²(N + K) multiply-adds against dW's B·N·K."""
+    rows, n, k = g.err.shape[0], g.err.shape[1], g.inp.shape[1]
+    if rows * (n + k) < n * k:
+        weight = ((g.err @ g.err.t()) * (g.inp @ g.inp.t())).sum()
+    else:
+        weight = (g.err.t() @ g.inp).square().sum()
+    return weight if g.bias is None else weight + g.err.sum(0).square().sum()
+
+
+def clip(grads: list[LinearGrad], max_norm: float) -> list[LinearGrad]:
+    """``grads`` (one per parameter, see :func:`merge`) scaled as
+    torch.nn.utils.clip_grad_norm_ scales gradients: by min(1, max_norm / (‖g‖ + 1e-6)),
+    ‖g‖ the norm over all of them together (errors scaled: dW and db scale with them)."""
+    total = torch.stack([grad_norm_sq(g) for g in grads]).sum().sqrt()
+    scale = (max_norm / (total + 1e-6)).clamp(max=1.0)
+    return [LinearGrad(g.weight, g.bias, g.err * scale.to(g.err.dtype), g.inp) for g in grads]
+
+
+def update(optimizer: torch.optim.Optimizer, grads: list[LinearGrad], *, backend: str,
+           max_norm: float | None = None) -> None:
     """The local update on ``backend``; same effect as :func:`update_ref`. Several
-    LinearGrads of one parameter add up (see :func:`merge`)."""
+    LinearGrads of one parameter add up (see :func:`merge`); with ``max_norm``, their
+    gradients are first clipped together to that norm (see :func:`clip`)."""
     grads = merge(grads)
+    if max_norm is not None:
+        grads = clip(grads, max_norm)
     if backend == "reference":
         return update_ref(optimizer, grads)
     from . import fused_update

@@ -70,6 +70,9 @@ class BP(Rule):
         if net.check_finite:
             check_finite(loss, last, step, "loss")
         loss.backward()
+        if net.max_grad_norm is not None:  # end-to-end backprop: one norm over every node
+            torch.nn.utils.clip_grad_norm_([p for node in topo.order for p in node.optimized_parameters()],
+                                           net.max_grad_norm)
         # every node steps and frees its gradients before any is checked, so that a failing
         # check leaves no gradient behind for the next backward to add to
         for node in topo.order:

@@ -9,15 +9,16 @@ from typing import Callable, Iterable
 import torch
 from torch import nn
 
-from ..errors import check_callable, check_int
+from ..errors import check_callable, check_float, check_int
 from ..heads import MeanOverPositions
 from .base import LocalRule, Messages, NodeStep
 
 CriticFactory = Callable[[tuple[int, ...], int], nn.Module]
 OptimizerFactory = Callable[[Iterable[nn.Parameter]], torch.optim.Optimizer]
 
-#: the critics' optimizer when none is given: the paper's Adam with a fixed lr of 1e-4
-DEFAULT_CRITIC_OPTIMIZER: OptimizerFactory = functools.partial(torch.optim.Adam, lr=1e-4)
+#: the critics' optimizer when none is given: the paper's Adam, at lr 1e-3 rather than its
+#: 1e-4 (meant for 80k iterations; over a few thousand steps 1e-4 barely moves a critic)
+DEFAULT_CRITIC_OPTIMIZER: OptimizerFactory = functools.partial(torch.optim.Adam, lr=1e-3)
 
 
 def default_critic(shape: tuple[int, ...], num_classes: int, hidden: int = 64, per_position: bool = False,
@@ -70,8 +71,13 @@ class Critic(LocalRule):
     - Node k is updated with L_k = mean_b CE(c_k(h_k(b)), y(b)) back-propagated through
       c_k into the node; c_k is not stepped by it (its parameters are excluded from the
       node's optimizer). The last node K learns from its own output: L_K = CE(h_K, y).
-    - Critics learn in cascade: loss_c_k = mean_b |ℓ_k(b) − sg(ℓ_{k+1}(b))|, ℓ the per-sample
-      CE (ℓ_K of the final output), with their own optimizer, every ``critic_every`` steps.
+    - Critics learn in cascade: loss_c_k = mean_b |ℓ_k(b) − sg(ℓ_{k+1}(b))| + critic_ce · mean_b
+      ℓ_k(b), ℓ the per-sample loss (CE; ℓ_K of the final output), with their own optimizer,
+      every ``critic_every`` steps. The CE term is the library's own (the paper's cascade
+      is critic_ce = 0): the gap alone has a fixed point where every critic predicts one
+      class, since matching the next node's loss does not need the labels; measured on
+      MNIST-1D's CNN, 4 nodes, 80 epochs, the gap alone ended at 10.8% (critics at lr 1e-3)
+      and 66.8% (1e-4), gap + CE at 90.9% (bp 91.1%).
 
     Message: node k+1's B per-sample losses ℓ_{k+1}, travelling backward one node. They
     do not lag: node k+1's step has h_k (its input) and its own ℓ_{k+1} on the same batch,
@@ -83,7 +89,9 @@ class Critic(LocalRule):
         critic: ``(per-sample shape, num_classes) -> nn.Module`` building each critic
             (default :func:`default_critic`).
         critic_every: train the critics on every n-th step (>= 1; default 1, the paper's best).
-        critic_optimizer: factory ``params -> Optimizer`` for each critic (default Adam lr 1e-4).
+        critic_optimizer: factory ``params -> Optimizer`` for each critic (default Adam lr 1e-3).
+        critic_ce: weight >= 0 of the cross-entropy term in each critic's loss (default 1.0;
+            0 is the paper's cascade).
 
     StepResult.extra["critic_gap"]: node name -> loss_c_k before its update, on steps that
     train critics.
@@ -95,7 +103,8 @@ class Critic(LocalRule):
     figures = ("critic_gap",)
 
     def __init__(self, critic: CriticFactory | None = None, critic_every: int = 1,
-                 critic_optimizer: OptimizerFactory | None = None) -> None:
+                 critic_optimizer: OptimizerFactory | None = None, critic_ce: float = 1.0) -> None:
+        self.critic_ce = check_float("Critic", "critic_ce", critic_ce, 0)
         self.make_critic = check_callable("Critic", "critic", critic, "(shape, num_classes) -> nn.Module") \
             or default_critic
         self.critic_every = check_int("Critic", "critic_every", critic_every, 1)
@@ -129,7 +138,7 @@ class Critic(LocalRule):
         if step % self.critic_every:
             return None
         node = net.nodes[k]
-        gap = _train_critic(node.head, net.rule_state.optimizers[k], h, y, target, node.objective)
+        gap = _train_critic(node.head, net.rule_state.optimizers[k], h, y, target, node.objective, self.critic_ce)
         node.check_update(node.head.parameters(), step)
         return gap
 
@@ -151,16 +160,17 @@ class Critic(LocalRule):
         return None if gap is None else {"critic_gap": gap}
 
     def __repr__(self) -> str:
-        return f"Critic(critic_every={self.critic_every})"
+        return f"Critic(critic_every={self.critic_every}, critic_ce={self.critic_ce})"
 
 
 def _train_critic(critic: nn.Module, optimizer, h: torch.Tensor, y: torch.Tensor,
-                  target: torch.Tensor, objective) -> torch.Tensor:
-    """One step of loss_c = mean_b |ℓ(critic(h), y)(b) − target(b)|, ℓ the per-sample loss of
-    the network's objective; returns the loss before it."""
-    gap = (objective.per_sample(critic(h), y) - target).abs().mean()
+                  target: torch.Tensor, objective, ce: float) -> torch.Tensor:
+    """One step of loss_c = mean_b |ℓ(critic(h), y)(b) − target(b)| + ce · mean_b ℓ(b), ℓ the
+    per-sample loss of the network's objective; returns the gap term before the update."""
+    losses = objective.per_sample(critic(h), y)
+    gap = (losses - target).abs().mean()
     optimizer.zero_grad(set_to_none=True)
-    gap.backward()
+    (gap + ce * losses.mean() if ce else gap).backward()
     optimizer.step()
     optimizer.zero_grad(set_to_none=True)
     return gap.detach()

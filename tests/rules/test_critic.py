@@ -109,3 +109,32 @@ def test_ensemble_sums_every_softmax(trained):
     assert pred.flops_fraction > 1.0
     with pytest.raises(ValueError, match="not both"):
         net.predict(x, exit_threshold=0.9, ensemble=True)
+
+
+def test_a_cascade_with_the_defaults_does_not_end_at_chance():
+    """The default critic loss (gap + cross-entropy, Adam 1e-3): after 8 epochs on digits
+    every critic, not only the last node, predicts well and uses every class (the gap
+    alone can settle where a critic predicts one class; seen on MNIST-1D after 20 epochs,
+    too long for a test)."""
+    torch.manual_seed(0)
+    net, gen = digits_mlp(lp.rules.Critic()), torch.Generator().manual_seed(0)
+    for _ in range(8):
+        for x, y in DIGITS.batches(64, gen):
+            net.train_step(x, y)
+    net.eval()
+    with torch.no_grad():
+        h = DIGITS.x_test
+        for node in net.nodes:
+            h = node(h)
+            guess = (h if node.head is None else node.head(h)).argmax(1)
+            assert float((guess == DIGITS.y_test).float().mean()) > 0.9, node.name
+            assert len(guess.unique()) == 10, node.name
+
+
+def test_the_papers_cascade_is_critic_ce_zero():
+    net = digits_mlp(lp.rules.Critic(critic_ce=0.0))
+    x, y = next(iter(DIGITS.batches(64, torch.Generator().manual_seed(0))))
+    critic = net.nodes[0].head
+    before = [p.clone() for p in critic.parameters()]
+    gap = net.train_step(x, y).extra["critic_gap"]["0"]
+    assert gap > 0 and any(not torch.equal(a, b) for a, b in zip(before, critic.parameters()))
