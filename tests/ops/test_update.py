@@ -51,10 +51,11 @@ STATE_KEYS = ("momentum_buffer", "exp_avg", "exp_avg_sq")
 #: the parameters themselves when strided)
 SMALL = [((37, 7, 129), "contiguous"), ((1, 37, 7), "strided"), ((7, 1, 1), "contiguous"),
          ((16, 33, 17), "strided")]
-#: the others also take 1 x 1 x 1, a weight of several row tiles (K = 200, LARGE_SIZE),
-#: and transposed factors; cuda one large enough for many blocks
+#: the others also take 1 x 1 x 1, a weight of several row tiles on the CPU (300 rows of
+#: LARGE_SIZE: 1 MiB tiles of 131 float64 or 262 float32 rows), and transposed factors;
+#: cuda one large enough for many blocks
 SHAPES = SMALL + [((1, 1, 1), "contiguous"), ((7, 37, 129), "contiguous"), ((37, 129, 200), "contiguous"),
-                  ((5, 129, LARGE_SIZE), "contiguous"), ((7, 37, 129), "strided"), ((7, 37, 129), "transposed"),
+                  ((5, 300, LARGE_SIZE), "contiguous"), ((7, 37, 129), "strided"), ((7, 37, 129), "transposed"),
                   ((37, 7, 129), "strided"), ((37, 7, 129), "transposed")]
 CUDA_SHAPES = SHAPES + [((129, 257, LARGE_SIZE), "contiguous")]
 
