@@ -8,7 +8,7 @@ Keys (all optional; defaults in :data:`DEFAULTS`):
                  Dataset of (x, y) pairs, split by ``test_fraction``); or a table
                  {name = ..., <keyword arguments of the function>}
     model        {mlp = [in, h1, ..., classes]} (localprop.mlp: LocalLinear nodes, ReLU but the last) |
-                 {module = "module:function", nodes = K, kwargs = {...}} (an nn.Sequential
+                 {module = "module:function", nodes = K, kwargs = {...}} (any nn.Module,
                  made local with localize(..., nodes=K))
     rule         "greedy" | {name = "sgr", lam = 0.1, ...} (a name of localprop.rules.REGISTRY, or
                  "module:Class" of a Rule of one's own, and the rule's keyword arguments)
@@ -307,9 +307,9 @@ def network(cfg: dict[str, Any], split: data.Split):
                               f"{split.num_classes} classes for this dataset", sizes)
         return mlp(sizes, **common)
     made = import_target("model.module", model["module"])(**model.get("kwargs", {}))
-    if not isinstance(made, nn.Sequential):
-        raise ConfigError("model.module", "a function returning an nn.Sequential", made)
+    if not isinstance(made, nn.Module):
+        raise ConfigError("model.module", "a function returning an nn.Module", made)
     try:
         return localize(made, nodes=model.get("nodes"), example_input=split.x_train[:2], **common)
-    except ValueError as exc:
+    except (TypeError, ValueError) as exc:
         raise ConfigError("model", f"a model that localize() accepts ({exc})", model) from None

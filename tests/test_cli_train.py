@@ -28,6 +28,35 @@ def tiny_model():
                                torch.nn.Linear(8, 4))
 
 
+class Residual(torch.nn.Module):
+    """A user's model as an nn.Module: blocks in a ModuleList, residual adds in forward."""
+
+    def __init__(self):
+        super().__init__()
+        self.inp = torch.nn.Linear(6, 8)
+        self.blocks = torch.nn.ModuleList(torch.nn.Linear(8, 8) for _ in range(3))
+        self.out = torch.nn.Linear(8, 4)
+
+    def forward(self, x):
+        h = torch.relu(self.inp(x))
+        for block in self.blocks:
+            h = h + torch.relu(block(h))
+        return self.out(h)
+
+
+def residual_model():
+    return Residual()
+
+
+def test_train_an_nn_module_of_ones_own(tmp_path):
+    cfg = tmp_path / "c.toml"
+    cfg.write_text('dataset = "tests.test_cli_train:tiny_split"\nepochs = 2\nbatch_size = 32\n'
+                   '[model]\nmodule = "tests.test_cli_train:residual_model"\nnodes = 3\n')
+    out = tmp_path / "r.json"
+    assert main(["train", "--config", str(cfg), "--json", str(out), "--quiet"]) == 0
+    assert json.loads(out.read_text())["steps"] == 6
+
+
 def test_train_writes_json(tmp_path):
     out = tmp_path / "r.json"
     assert main(["train", *SMALL, "--json", str(out)]) == 0

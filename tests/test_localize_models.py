@@ -395,3 +395,14 @@ def test_checkpointing_inside_nodes_learns_the_same_in_less_memory(traced):
     assert peaks[1] < peaks[0]
     for (name, a), b in zip(plain.named_parameters(), recomputed.parameters()):
         assert torch.allclose(a, b, rtol=0, atol=1e-10), name
+
+
+def test_the_pipeline_refuses_models_that_pass_values_beside_the_activation():
+    from localprop import distributed
+
+    torch.manual_seed(0)
+    distributed.check_standalone(lp.localize(small_resnet(), nodes=2))  # one activation: fine
+    net = lp.localize(zoo.Encoder(vocab=30, dim=16, layers=2, heads=2, classes=3), nodes=2)
+    with pytest.raises(ValueError, match=r"node 0: the model passes 'attention_mask' between its nodes besides the "
+                                         r"activation, which the pipeline across processes does not carry"):
+        distributed.check_standalone(net)

@@ -343,6 +343,7 @@ def _precheck(cfg: dict, args) -> None:
     a rule that cannot run distributed, a partition that does not fit, nothing to resume."""
     net = config.network(cfg, config.dataset(cfg))
     distributed.stage_for(net.rule)
+    distributed.check_standalone(net)
     if len(net.nodes) < args.ranks:
         raise config.ConfigError("--ranks", f"at most one rank per node ({len(net.nodes)} nodes)", args.ranks)
     _counts(net, cfg, args.ranks)
@@ -368,7 +369,7 @@ def register(sub) -> None:
                        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--config", help="a .json or .toml file of keys (see localprop.config); flags override it")
     p.add_argument("--dataset", help='digits, mnist1d, a .npz file or "module:function"')
-    p.add_argument("--model", help='mlp:<in>,<widths>,...,<classes> or "module:function" (an nn.Sequential)')
+    p.add_argument("--model", help='mlp:<in>,<widths>,...,<classes> or "module:function" (any nn.Module)')
     p.add_argument("--nodes", type=int, help="with --model module:function, the number of nodes K")
     p.add_argument("--rule", help="greedy, sgr, critic, bll, pgl, locprop, bp, bp+checkpoint")
     p.add_argument("--rule-kwargs", help='the rule\'s keyword arguments as JSON, e.g. \'{"lam": 0.1}\'')

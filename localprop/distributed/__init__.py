@@ -69,8 +69,8 @@ from __future__ import annotations
 from .errors import DistributedError, NotDecoupled
 from .launch import Stopped, agree, all_ranks, free_port, init_from_env, launch
 from .partition import node_costs, node_flops, partition
-from .pipeline import Pipeline, step_memory
+from .pipeline import Pipeline, check_standalone, step_memory
 from .stages import Stage, stage_for
 
-__all__ = ["DistributedError", "NotDecoupled", "Stopped", "Pipeline", "Stage", "agree", "all_ranks", "free_port",
-           "init_from_env", "launch", "node_costs", "node_flops", "partition", "stage_for", "step_memory"]
+__all__ = ["DistributedError", "NotDecoupled", "Stopped", "Pipeline", "Stage", "agree", "all_ranks",
+           "check_standalone", "free_port", "init_from_env", "launch", "node_costs", "node_flops", "partition", "stage_for", "step_memory"]

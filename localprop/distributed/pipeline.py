@@ -57,6 +57,17 @@ def step_memory(net, counts: list[int], rank: int, x: torch.Tensor | None, y: to
     return peak.bytes
 
 
+def check_standalone(net) -> None:
+    """Every node must take only the activation: values a traced model passes beside it
+    (keyword inputs, positions, masks: see localprop.trace) do not cross processes."""
+    for node in net.nodes:
+        extra = getattr(node, "reads", ()) + getattr(node, "writes", ())
+        if extra or net.input_names:
+            what = ", ".join(map(repr, extra or net.input_names))
+            raise ValueError(f"node {node.name}: the model passes {what} between its nodes besides the activation, "
+                             f"which the pipeline across processes does not carry; train it in one process")
+
+
 class Pipeline:
     """This rank's stage of a pipeline over ``net`` (built, identical on every rank).
 
@@ -75,6 +86,7 @@ class Pipeline:
             raise ValueError(f"async mode needs staleness >= 1 step, got {staleness}")
         if not isinstance(net, LocalSequential):
             raise TypeError(f"Pipeline runs a LocalSequential (a chain of nodes), got {type(net).__name__}")
+        check_standalone(net)
         self.rank, self.world = dist.get_rank(), dist.get_world_size()
         if len(counts) != self.world or sum(counts) != len(net.nodes) or min(counts) < 1:
             raise ValueError(f"partition {counts} does not split {len(net.nodes)} nodes over {self.world} ranks")

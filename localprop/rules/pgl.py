@@ -7,6 +7,10 @@ from __future__ import annotations
 
 import torch
 
+import contextlib
+
+from torch import nn
+
 from ..errors import check_bool, check_choice, check_int, received
 from .base import Rule, StepResult
 from .bp import BP
@@ -29,14 +33,23 @@ class PGL(Rule):
         checkpoint: activation checkpointing in the global step (default True), so that its
             peak memory stays near the local steps' (see BP's ``segment``).
         segment: nodes per checkpointed segment (default: BP's ceil(sqrt(K))).
+        global_state: the optimizer state the global steps use: "shared" (default) steps
+            each node's own optimizer, so its momentum mixes local and global gradients;
+            "own" gives every node a second optimizer, built by the network's optimizer
+            factory over the same parameters, which only the global steps use, so the local
+            steps' state never sees a global gradient. The second optimizers are kept in
+            ``net.rule_state.global_optimizers`` and saved by state_dict(); an lr scheduler
+            on ``node.optimizer`` does not reach them. "own" trains in one process only.
 
     StepResult.extra["global"]: True on global steps, False on local ones.
     """
 
     name = "pgl"
 
-    def __init__(self, local="greedy", period: int = 4, checkpoint: bool = True, segment: int | None = None) -> None:
+    def __init__(self, local="greedy", period: int = 4, checkpoint: bool = True, segment: int | None = None,
+                 global_state: str = "shared") -> None:
         self.local = _local_rule(local)
+        self.global_state = check_choice("PGL", "global_state", global_state, ["shared", "own"])
         self.period = check_int("PGL", "period", period, 1)
         # checked here too, so that the error names PGL rather than its inner BP
         checkpoint = check_bool("PGL", "checkpoint", checkpoint)
@@ -46,6 +59,18 @@ class PGL(Rule):
 
     def attach(self, net) -> None:
         self.local.attach(net)
+        if self.global_state == "own":
+            if getattr(net, "rule_state", None) is None:  # greedy, sgr keep no state of their own
+                net.rule_state = nn.ModuleDict()
+            # the parameters node.optimizer will step, by the same factory: a twin of it (a
+            # node without parameters gets no optimizer, as it gets no node.optimizer)
+            net.rule_state.global_optimizers = [net.optimizer_factory(params) for node in net.topology().order
+                                                if (params := self.node_parameters(node))]
+
+    def optimizers(self, net):
+        """The local rule's own optimizers, then (``global_state="own"``) the global steps'."""
+        own = getattr(getattr(net, "rule_state", None), "global_optimizers", None) or []
+        return self.local.optimizers(net) + list(own)
 
     def node_parameters(self, node):
         return self.local.node_parameters(node)
@@ -59,6 +84,8 @@ class PGL(Rule):
         return self.local.messages
 
     def not_decoupled(self):
+        if self.global_state == "own":
+            return "PGL(global_state='own') keeps the global steps' optimizers in one process"
         return self.local.not_decoupled()
 
     def node_step(self, net, k, u, y, message, step):
@@ -83,12 +110,34 @@ class PGL(Rule):
 
     def train_step(self, net, x, y, step) -> StepResult:
         is_global = self.is_global(step)
-        result = (self.global_rule if is_global else self.local).train_step(net, x, y, step)
+        if not is_global:
+            result = self.local.train_step(net, x, y, step)
+        else:
+            with self._global_optimizers(net):
+                result = self.global_rule.train_step(net, x, y, step)
         result.extra["global"] = is_global
         return result
 
+    @contextlib.contextmanager
+    def _global_optimizers(self, net):
+        """Under "own", every node's optimizer swapped for its global twin for the duration
+        of a global step (BP steps ``node.optimizer``), restored even if the step fails."""
+        if self.global_state == "shared":
+            yield
+            return
+        order = [node for node in net.topology().order if node.optimizer is not None]
+        local = [node.optimizer for node in order]
+        try:
+            for node, opt in zip(order, net.rule_state.global_optimizers):
+                node.optimizer = opt
+            yield
+        finally:
+            for node, opt in zip(order, local):
+                node.optimizer = opt
+
     def __repr__(self) -> str:
-        return f"PGL(local={self.local!r}, period={self.period}, global_rule={self.global_rule!r})"
+        return (f"PGL(local={self.local!r}, period={self.period}, global_rule={self.global_rule!r}, "
+                f"global_state={self.global_state!r})")
 
 
 def _local_rule(local) -> Rule:
