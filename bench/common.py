@@ -47,7 +47,10 @@ SPECS = {
     "locprop_concurrency": Spec("concurrent", ("median_ms", "speedup")),
     "locprop_memory": Spec("rule", ("peak_mib", "resident_mib", "bp_over_this")),
     "locprop_time_to_target": Spec("rule", ("seconds_median", "steps_median")),
+    "memory_rss": Spec("rule", ("allocator_mib", "rss_mib", "rss_over_allocator")),
     "real_models": Spec("rule", ("peak_mib", "resident_mib", "step_s", "time_vs_bp", "memory_vs_bp")),
+    "rules_converged": Spec("rule", ("acc_mean", "acc_std", "val_mean", "epochs_mean", "epochs_max",
+                                     "best_epoch_mean", "diverged", "s_per_epoch")),
     "rules": Spec("rule", ("acc_mean", "acc_std", "exit0.9_acc", "exit0.9_flops", "diverged", "peak_bytes",
                            "s_per_epoch")),
 }

@@ -79,24 +79,21 @@ class _Tracer(fx.Tracer):
 
 def find_blocks(model: nn.Module, block: type | tuple[type, ...] | None) -> list[str]:
     """Qualified names of the candidate blocks a node may start at, outermost ones only:
-    the instances of ``block``; by default the children of the outermost ``nn.Sequential``
-    / ``nn.ModuleList`` containers of several parameterised modules (ResNet stages' blocks,
-    a transformer's layers); failing those, the model's children with parameters."""
-    names = []
+    the instances of ``block``; by default the children with parameters of the outermost
+    ``nn.Sequential`` / ``nn.ModuleList`` containers (ResNet stages' blocks, a transformer's
+    layers; containers inside those, such as a block's shortcut, are the blocks' own),
+    when there are at least two; failing those, the model's children with parameters."""
     if block is not None:
         names = [n for n, m in model.named_modules() if n and isinstance(m, block)]
         if not names:
             kinds = block.__name__ if isinstance(block, type) else ", ".join(b.__name__ for b in block)
             raise ValueError(f"localize: {type(model).__name__} has no module of class {kinds} (block=)")
-    else:
-        for name, m in model.named_modules():
-            if name and isinstance(m, (nn.Sequential, nn.ModuleList)):
-                kids = [(f"{name}.{k}", c) for k, c in m.named_children() if _has_params(c)]
-                if len(kids) >= 2:
-                    names += [k for k, _ in kids]
-        if not names:
-            names = [n for n, c in model.named_children() if _has_params(c)]
-    return _outermost(names)
+        return _outermost(names)
+    containers = _outermost([n for n, m in model.named_modules()
+                             if n and isinstance(m, (nn.Sequential, nn.ModuleList))])
+    modules = dict(model.named_modules())
+    names = [f"{c}.{k}" for c in containers for k, child in modules[c].named_children() if _has_params(child)]
+    return names if len(names) >= 2 else [n for n, c in model.named_children() if _has_params(c)]
 
 
 def split(model: nn.Module, starts: Sequence[str], leaves: Iterable[str], inputs: Sequence[str] = (),

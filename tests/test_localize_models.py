@@ -406,3 +406,11 @@ def test_the_pipeline_refuses_models_that_pass_values_beside_the_activation():
     with pytest.raises(ValueError, match=r"node 0: the model passes 'attention_mask' between its nodes besides the "
                                          r"activation, which the pipeline across processes does not carry"):
         distributed.check_standalone(net)
+
+
+def test_containers_inside_blocks_are_the_blocks_own():
+    """Stages of one block each: the blocks are the stages' children, not the Sequential
+    shortcut inside a block (a split there would cut a block's residual)."""
+    net = lp.localize(zoo.ResNet((1, 1, 1, 1), width=4), nodes=4)
+    assert [n.label for n in net.nodes] == ["from the model's input", "from 'layer2.0'", "from 'layer3.0'",
+                                            "from 'layer4.0'"]
