@@ -403,10 +403,24 @@ class LocalSequential(Network):
                 head_flops.append(counter.get_total_flops() // 2)
         return Flops(nodes, head_flops)
 
-    def describe(self) -> Summary:
+    def describe(self, x: torch.Tensor | None = None, y: torch.Tensor | None = None, **inputs) -> Summary:
         """Every node's shapes, parameters and forward FLOPs per sample, with its head's:
-        what local learning adds to the model (``print(net.describe())`` for a table)."""
+        what local learning adds to the model (``print(net.describe())`` for a table). With a
+        batch (x, y), also the allocator's peak while each node's modules run in a training
+        step (:func:`localprop.memory.node_peaks`), so that one sees which node sets the
+        step's peak; measured on a copy of the network (this one, and the RNG, untouched)."""
+        from . import memory
+
+        if x is not None and not self.built:
+            self.build(x, **inputs)
         flops = self.flops()
+        peaks = [None] * len(self.nodes)
+        if x is not None:
+            rng, trial = torch.get_rng_state(), copy.deepcopy(self)
+            try:
+                peaks = memory.node_peaks(trial, memory.timeline(trial, x, y, **inputs))
+            finally:
+                torch.set_rng_state(rng)
         rows = []
         for k, node in enumerate(self.nodes):
             own = sum(p.numel() for name, p in node.named_parameters() if not name.startswith("head."))
@@ -414,7 +428,7 @@ class LocalSequential(Network):
             label = getattr(node, "label", None) or type(getattr(node, "block", node)).__name__
             shape_in = self.input_spec if k == 0 else self.specs[k][0]
             rows.append(NodeSummary(node.name, label, tuple(shape_in), tuple(self.specs[k][1]), own, head,
-                                    flops.nodes[k], flops.heads[k]))
+                                    flops.nodes[k], flops.heads[k], peaks[k]))
         return Summary(rows, self.rule.name)
 
     def submodel(self, k: int) -> nn.Sequential:

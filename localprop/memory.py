@@ -336,6 +336,24 @@ def timeline(net: nn.Module, x: torch.Tensor, y: torch.Tensor, warmup: int = 1, 
     return line
 
 
+def node_peaks(net: nn.Module, line: Timeline) -> list[int | None]:
+    """Per node of ``net``: the highest allocated bytes of ``line`` while that node's
+    modules ran (its forward and its parameters' gradients; an interval's peak counts for
+    the event that ends it), None for a node that never ran."""
+    peaks: list[int | None] = [None] * len(net.nodes)
+    for event, peak in zip(line.events, line.peaks):
+        k = _node_of(event)
+        if k is not None and k < len(peaks):
+            peaks[k] = peak if peaks[k] is None else max(peaks[k], peak)
+    return peaks
+
+
+def _node_of(event: str) -> int | None:
+    """The node index an event of :func:`timeline` names ("forward nodes.3.block.conv1" -> 3)."""
+    match = re.match(r"(?:forward|gradient) nodes\.(\d+)\.", event)
+    return int(match.group(1)) if match else None
+
+
 def _reader(device: torch.device) -> Callable[[], tuple[int, int]]:
     """() -> (bytes allocated now, peak since the last call) on ``device``."""
     if device.type == "cuda":

@@ -15,6 +15,7 @@ class NodeSummary:
     head_params: int
     flops: int                 #: forward FLOPs per sample (multiply-adds count 2)
     head_flops: int
+    step_peak: int | None = None  #: allocator peak (bytes) while the node's modules ran in a step, if measured
 
 
 @dataclass(frozen=True)
@@ -40,12 +41,15 @@ class Summary:
         return sum(n.head_flops for n in self.nodes)
 
     def __str__(self) -> str:
+        measured = any(n.step_peak is not None for n in self.nodes)
         head = f"{'node':<5} {'starts':<24} {'input':<16} {'output':<16} {'params':>10} {'head params':>12} " \
-               f"{'MFLOP/sample':>13} {'head MFLOP':>11}"
+               f"{'MFLOP/sample':>13} {'head MFLOP':>11}" + (f" {'step peak MiB':>14}" if measured else "")
         lines = [head, "-" * len(head)]
         for n in self.nodes:
+            peak = f" {n.step_peak / 2**20:>14.1f}" if measured and n.step_peak is not None else ""
             lines.append(f"{n.name:<5} {n.label[:24]:<24} {_shape(n.input_shape):<16} {_shape(n.output_shape):<16} "
-                         f"{n.params:>10,} {n.head_params:>12,} {n.flops / 1e6:>13.3f} {n.head_flops / 1e6:>11.3f}")
+                         f"{n.params:>10,} {n.head_params:>12,} {n.flops / 1e6:>13.3f} {n.head_flops / 1e6:>11.3f}"
+                         + peak)
         lines.append(f"rule {self.rule!r}: heads add {self.head_params:,} parameters "
                      f"({_share(self.head_params, self.params)} of the model's {self.params:,}) and "
                      f"{_share(self.head_flops, self.flops)} to a forward pass's FLOPs")

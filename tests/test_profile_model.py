@@ -60,3 +60,17 @@ def test_profile_command_on_a_users_model(tmp_path, capsys):
 def test_profile_command_errors(argv, message, tmp_path, capsys):
     assert main(["profile", *argv, "--out", str(tmp_path), "--quiet"]) == 2
     assert message in capsys.readouterr().err
+
+
+def test_describe_shows_which_node_sets_the_step_peak():
+    x, y = batch()
+    torch.manual_seed(0)
+    net = lp.localize(tiny_resnet(), nodes=4).build(x)
+    before = [p.detach().clone() for p in net.parameters()]
+    summary = net.describe(x, y)
+    peaks = [n.step_peak for n in summary.nodes]
+    torch.manual_seed(0)
+    measured = lp.memory.measure_step(lp.localize(tiny_resnet(), nodes=4).build(x), x, y)
+    assert max(peaks) == measured.peak_bytes and peaks[0] == max(peaks)  # the full-resolution node
+    assert net.steps == 0 and all(torch.equal(a, b) for a, b in zip(before, net.parameters()))
+    assert "step peak MiB" in str(summary)
