@@ -40,6 +40,8 @@ class PGL(Rule):
             steps' state never sees a global gradient. The second optimizers are kept in
             ``net.rule_state.global_optimizers`` and saved by state_dict(); an lr scheduler
             on ``node.optimizer`` does not reach them. "own" trains in one process only.
+            Measured on MNIST-1D's 8-node 1-D CNN (bench/rules/converge.py, 3 seeds), "own"
+            was no steadier and lower, 68.7 ± 15.4% against 76.1 ± 18.6%: hence the default.
 
     StepResult.extra["global"]: True on global steps, False on local ones.
     """
