@@ -13,6 +13,7 @@ output is scored directly; every other node's head predicts the same kind of out
 """
 from __future__ import annotations
 
+import abc
 import contextlib
 import contextvars
 from typing import Callable
@@ -33,7 +34,7 @@ CHUNK = 1024
 _PLAIN = contextvars.ContextVar("plain_cross_entropy", default=False)
 
 
-class Objective:
+class Objective(abc.ABC):
     """Base of the objectives. ``classes``: the targets are class indices over the
     output's last dimension (so heads predict logits and predict() takes an argmax)."""
 
@@ -44,9 +45,9 @@ class Objective:
         """The loss [] a node learns from."""
         return self.per_sample(output, target).mean()
 
+    @abc.abstractmethod
     def per_sample(self, output: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
         """The loss of each sample [B] (its mean over the sample's positions)."""
-        raise NotImplementedError
 
     def check_target(self, where: str, y: torch.Tensor, batch: int, output_shape: tuple[int, ...]) -> torch.Tensor:
         """The target ``y`` (named ``where`` in errors, e.g. "y") checked against a batch of
