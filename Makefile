@@ -31,7 +31,7 @@ $(PY):
 # torch first and alone, pinned, so that nothing later resolves it to a CUDA build
 $(STAMP): $(PY) $(SOURCES)
 	$(PIP) install -q "$(TORCH)" $(TORCH_ARGS)
-	$(PIP) install -q "setuptools>=77" wheel numpy tqdm scikit-learn matplotlib pytest pytest-benchmark hypothesis triton==3.9.0 mnist1d
+	$(PIP) install -q "setuptools>=77" wheel numpy tqdm scikit-learn matplotlib pytest pytest-benchmark hypothesis triton==3.9.0 mnist1d transformers==5.24.0
 	$(PIP) install -q --no-build-isolation --no-deps -e .
 	touch $(STAMP)
 

@@ -1,7 +1,9 @@
 """Peak step memory and step time of the local rules on the models users bring, against
 bp and bp with a checkpoint per block: a ResNet-18 (3x32x32) and a GPT-2-small-shaped
 language model (8 layers, d = 256, sequence 256), written as plain nn.Modules
-(localprop.zoo) and localized by lp.localize() into K nodes.
+(localprop.zoo) and localized by lp.localize() into K nodes; and HuggingFace's GPT-2 of
+the same shape ("hf-gpt2", localized with hooks=True; its bp+checkpoint is the model's
+own gradient_checkpointing_enable()).
 
 Memory: the allocator's peak of one step above the resident state (localprop.memory:
 CPU counting allocator or the CUDA caching allocator; every kind of step a rule makes,
@@ -50,7 +52,28 @@ def gpt_batch(batch: int, device: str, seq: int = 256, vocab: int = 4096):
         (ids[:, :-1], ids[:, 1:])
 
 
-MODELS = {"resnet18": (resnet_batch, 128), "gpt": (gpt_batch, 8)}
+def hf_gpt2_batch(batch: int, device: str, seq: int = 256, vocab: int = 4096):
+    """HuggingFace's GPT2LMHeadModel of the same shape as "gpt" (built from a config, no
+    weights; its embedding tied to its output, dropout off so that every contender runs
+    the same arithmetic): torch.fx cannot trace it, so it is localized with hooks=True."""
+    import transformers
+
+    def factory():
+        cfg = transformers.GPT2Config(n_layer=8, n_embd=256, n_head=4, vocab_size=vocab, n_positions=seq,
+                                      use_cache=False, resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0,
+                                      bos_token_id=0, eos_token_id=0)
+        return transformers.GPT2LMHeadModel(cfg)
+
+    g = torch.Generator().manual_seed(0)
+    ids = torch.randint(0, vocab, (batch, seq + 1), generator=g).to(device)
+    return factory, (ids[:, :-1], ids[:, 1:])
+
+
+MODELS = {"resnet18": (resnet_batch, 128), "gpt": (gpt_batch, 8), "hf-gpt2": (hf_gpt2_batch, 8)}
+#: models localized through hooks on their own forward: their rules, and bp with the
+#: checkpointing a user of that library would switch on (HuggingFace's per layer)
+HOOKED = {"hf-gpt2"}
+HOOKED_RULES = ("greedy", "pgl")
 
 
 def contenders(nodes: list[int], rule_names, rules_at: int) -> list[tuple[str, object, int | None, str, bool]]:
@@ -67,9 +90,25 @@ def contenders(nodes: list[int], rule_names, rules_at: int) -> list[tuple[str, o
     return out
 
 
-def build(factory, rule, k, balance, checkpoint, x, device):
+def hooked_contenders(nodes: list[int], rule_names, rules_at: int) -> list[tuple[str, object, int | None, str, bool]]:
+    """The contenders of a model localized with hooks: bp, bp with the model's own
+    checkpointing per layer, greedy at each K (plain, and with the model's checkpointing,
+    which recomputes each layer inside its node's local backward), pgl at K = ``rules_at``."""
+    out = [("bp", "bp", None, "count", False), ("bp+checkpoint", "bp", None, "count", True)]
+    for k in nodes:
+        out += [("greedy", "greedy", k, "count", False), ("greedy + model's checkpointing", "greedy", k, "count", True)]
+        if k == rules_at:
+            out += [(name, name, k, "count", False) for name in rule_names if name in HOOKED_RULES[1:]]
+    return out
+
+
+def build(factory, rule, k, balance, checkpoint, x, device, hooked=False):
     torch.manual_seed(0)
     model = factory().to(device)
+    if hooked:
+        if checkpoint:
+            model.activation_checkpointing_enable()
+        return lp.localize(model, rule, nodes=k, hooks=True, optimizer=SGD)
     return lp.localize(model, rule, nodes=k, balance=balance, checkpoint=checkpoint, optimizer=SGD,
                        example_input=x[:8] if balance != "count" else None)
 
@@ -79,13 +118,16 @@ def run(model_name: str, nodes: list[int], rule_names, rules_at: int, rounds: in
     make, default_batch = MODELS[model_name]
     factory, (x, y) = make(batch or default_batch, device)
     rows, nets = [], {}
-    for label, rule, k, balance, checkpoint in contenders(nodes, rule_names, rules_at):
-        net = build(factory, rule, k, balance, checkpoint, x, device)
+    hooked = model_name in HOOKED
+    for label, rule, k, balance, checkpoint in (hooked_contenders if hooked else contenders)(nodes, rule_names,
+                                                                                               rules_at):
+        net = build(factory, rule, k, balance, checkpoint, x, device, hooked)
         steps = max(1, getattr(net.rule, "period", 1))
         m = memory.measure_step(net, x, y, steps=steps)
         key = (label, k)
         nets[key] = net
-        rows.append({"model": model_name, "batch": x.shape[0], "rule": label, "nodes": k or len(net.nodes),
+        rows.append({"model": model_name, "batch": x.shape[0], "rule": label,
+                     "nodes": k or (len(net.starts) + 1 if hooked else len(net.nodes)),
                      "peak_mib": m.peak_bytes / 2**20, "resident_mib": m.resident_bytes / 2**20})
         print(f"  {model_name} {label:<26} K={k or '-':<3} peak {m.peak_bytes / 2**20:9.1f} MiB", flush=True)
         gc.collect()

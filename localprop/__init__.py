@@ -14,6 +14,7 @@ Importing localprop never initialises CUDA.
 from . import checkpoint, memory, objectives, ops, rules, zoo
 from .engine import LocalSequential, Prediction
 from .graph import LocalGraph
+from .hooked import HookedNetwork
 from .localize import localize
 from .models import mlp, mlp_nodes
 from .nodes import LocalLinear, ModuleNode, Node
@@ -21,6 +22,6 @@ from .ops import BackendUnavailable
 
 __version__ = "0.1.0"
 
-__all__ = ["LocalSequential", "LocalGraph", "LocalLinear", "ModuleNode", "Node", "Prediction", "localize",
+__all__ = ["LocalSequential", "LocalGraph", "HookedNetwork", "LocalLinear", "ModuleNode", "Node", "Prediction", "localize",
            "mlp", "mlp_nodes", "checkpoint", "memory", "objectives", "ops", "rules", "zoo", "BackendUnavailable",
            "__version__"]

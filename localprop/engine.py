@@ -204,18 +204,8 @@ class LocalSequential(Network):
         self._attach()
 
     def _check_logits(self, last: Node, out: tuple[int | None, ...]) -> None:
-        """The last node's output must be logits, [C] or [T, C] per sample (C = num_classes,
-        which it sets when not given)."""
-        if len(out) not in (1, 2) or out[-1] is None or out[-1] < 2:
-            raise ValueError(f"node {last.name}: with loss 'cross_entropy' the last node outputs the logits, "
-                             f"[B, C] or [B, T, C] with C >= 2 classes, got [B, {', '.join(map(str, out))}]; "
-                             f"for another output give loss='mse' or a callable")
-        if self.num_classes is None:
-            self.num_classes = out[-1]
-        elif out[-1] != self.num_classes:
-            shape = f"[{self.num_classes}]" if len(out) == 1 else f"[T, {self.num_classes}]"
-            raise ValueError(f"node {last.name}: the last node must output the logits, shape {shape} per sample "
-                             f"for num_classes={self.num_classes}, got {list(last.output_shape)}")
+        """The last node's output must be logits (sets num_classes when not given)."""
+        self.num_classes = objectives.logits_classes(f"node {last.name}", out, self.num_classes)
 
     # ---- training -----------------------------------------------------------------
     def train_step(self, x: torch.Tensor, y: torch.Tensor, **inputs) -> rules.StepResult:

@@ -10,6 +10,7 @@ from torch import nn
 
 from . import memory, rules, trace
 from .engine import LocalSequential, OptimizerFactory, _eval_mode
+from .hooked import HookedNetwork
 
 
 def units(children: Sequence[nn.Module]) -> list[list[nn.Module]]:
@@ -135,7 +136,8 @@ def localize(model: nn.Module | Sequence[nn.Module], rule: str | rules.Rule = "g
              loss=None, num_classes: int | None = None, heads=None, optimizer: OptimizerFactory | None = None,
              backend: str | None = None, example_input: torch.Tensor | None = None, balance: str = "count",
              check_finite: bool = True, variable_dims: tuple[int, ...] | None = None,
-             checkpoint: bool = False, max_grad_norm: float | None = None) -> LocalSequential:
+             checkpoint: bool = False, max_grad_norm: float | None = None, hooks: bool = False,
+             output=None) -> LocalSequential | HookedNetwork:
     """Make ``model`` a chain of nodes that learn locally; its own modules are trained in
     place (after training, ``model`` is the trained model).
 
@@ -151,7 +153,10 @@ def localize(model: nn.Module | Sequence[nn.Module], rule: str | rules.Rule = "g
       containers (a ResNet's BasicBlocks, a transformer's layers), or the instances of
       ``block``, or else the model's children with parameters; they are called whole, so
       their own code needs no tracing. Code before the first block (a stem, embeddings)
-      joins the first node, code after the last (pooling, the classifier) the last node.
+      joins the first node, code after the last (pooling, the classifier) the last node;
+    - ``hooks=True``, any ``nn.Module`` whose forward cannot be traced (HuggingFace's): the
+      model runs its own forward and each node learns in a hook at the module the next node
+      starts at (see :mod:`localprop.hooked`); rules greedy, bp and pgl, no pipeline.
 
     Args:
         model: the model: any ``nn.Module``, an ``nn.Sequential`` or a list of blocks.
@@ -178,7 +183,13 @@ def localize(model: nn.Module | Sequence[nn.Module], rule: str | rules.Rule = "g
             forward runs twice, and layers with running statistics, BatchNorm's, update
             them twice a step, as under any checkpointing).
 
-    Returns a :class:`LocalSequential`. Errors name the split point, module or op in the way.
+        hooks: train through hooks on the model's own forward instead of a traced split
+            (split points and ``nodes`` as above; ``balance`` "count" or "params").
+        output: with ``hooks``, how to read the output tensor from what the forward returns
+            (default: a tensor as is, a mapping's "logits", a tuple's first element).
+
+    Returns a :class:`LocalSequential` (a :class:`~localprop.hooked.HookedNetwork` with
+    ``hooks``). Errors name the split point, module or op in the way.
     """
     if balance not in BALANCES:
         raise ValueError(f"localize: balance must be one of {', '.join(BALANCES)}, got {balance!r}")
@@ -186,7 +197,9 @@ def localize(model: nn.Module | Sequence[nn.Module], rule: str | rules.Rule = "g
               "backend": backend, "check_finite": check_finite, "variable_dims": variable_dims,
               "max_grad_norm": max_grad_norm}
     listed = isinstance(model, (list, tuple, nn.ModuleList))
-    if listed or (isinstance(model, nn.Sequential) and split_points is None and block is None and not inputs):
+    if hooks:
+        net = _localize_hooked(model, nodes, split_points, block, balance, checkpoint, output, common)
+    elif listed or (isinstance(model, nn.Sequential) and split_points is None and block is None and not inputs):
         net = _localize_blocks(model, nodes, balance, example_input, checkpoint, common)
     elif isinstance(model, nn.Module):
         net = _localize_traced(model, nodes, split_points, block, tuple(inputs), balance, example_input,
@@ -199,6 +212,34 @@ def localize(model: nn.Module | Sequence[nn.Module], rule: str | rules.Rule = "g
     if example_input is not None:
         net.build(example_input)
     return net
+
+
+def _localize_hooked(model, nodes, split_points, block, balance, checkpoint, output, common) -> HookedNetwork:
+    """Any nn.Module, through hooks on its own forward (localprop.hooked)."""
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"localize(hooks=True) takes an nn.Module, got {type(model).__name__}")
+    if checkpoint:
+        raise ValueError("localize(hooks=True): checkpoint=True needs the model cut into standalone nodes; "
+                         "localize without hooks=True for it")
+    if balance not in ("count", "params"):
+        raise ValueError(f"localize(hooks=True): balance={balance!r} measures standalone blocks; give "
+                         f"balance='count' or 'params'")
+    if split_points is not None:
+        if nodes is not None:
+            raise ValueError("localize: give nodes= or split_points=, not both")
+        starts = list(split_points)
+    else:
+        blocks = trace.find_blocks(model, block)
+        if not blocks:
+            raise ValueError(f"localize: {type(model).__name__} has no blocks to make nodes of; give split_points=")
+        count = len(blocks) if nodes is None else nodes
+        if not isinstance(count, int) or not 1 <= count <= len(blocks):
+            raise ValueError(f"localize: nodes must lie in [1, {len(blocks)}] for {type(model).__name__}, which "
+                             f"has {len(blocks)} blocks, got {count!r}")
+        costs = _block_costs(model, blocks, (), balance, None) if count < len(blocks) else None
+        starts = _starts(blocks, count, costs)
+    kept = {k: v for k, v in common.items() if k != "backend"}  # no fused ops: no backend
+    return HookedNetwork(model, starts, output=output, **kept)
 
 
 def _localize_blocks(model, nodes, balance, example_input, checkpoint, common) -> LocalSequential:

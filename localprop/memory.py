@@ -284,7 +284,8 @@ def compare_model(model: nn.Module | Callable[[], nn.Module], x: torch.Tensor, y
         kwargs = dict(localize_kwargs)
         if not ("split_points" in kwargs and baseline):
             kwargs["nodes"] = None if baseline else nodes
-        net = localize(fresh, rule, **kwargs)
+        # with hooks, by name: a hooked network picks its own form of a rule (pgl's global steps without checkpointing)
+        net = localize(fresh, name if kwargs.get("hooks") else rule, **kwargs)
         m = measure_step(net, x, y, steps=max(1, getattr(rule, "period", 1)), **batch_inputs)
         m.rule = name
         out.append(m)

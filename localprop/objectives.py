@@ -34,6 +34,21 @@ CHUNK = 1024
 _PLAIN = contextvars.ContextVar("plain_cross_entropy", default=False)
 
 
+def logits_classes(where: str, out: tuple[int | None, ...], num_classes: int | None) -> int:
+    """C, the number of classes of a cross-entropy whose output has per-sample shape
+    ``out`` ([C] or [T, C]; None where a dimension varies): ``num_classes`` when given,
+    checked against it; ValueError naming ``where`` (the last node) otherwise."""
+    if len(out) not in (1, 2) or out[-1] is None or out[-1] < 2:
+        raise ValueError(f"{where}: with loss 'cross_entropy' the last node outputs the logits, "
+                         f"[B, C] or [B, T, C] with C >= 2 classes, got [B, {', '.join(map(str, out))}]; "
+                         f"for another output give loss='mse' or a callable")
+    if num_classes is not None and out[-1] != num_classes:
+        shape = f"[{num_classes}]" if len(out) == 1 else f"[T, {num_classes}]"
+        raise ValueError(f"{where}: the last node must output the logits, shape {shape} per sample "
+                         f"for num_classes={num_classes}, got [{', '.join(map(str, out))}]")
+    return out[-1]
+
+
 class Objective(abc.ABC):
     """Base of the objectives. ``classes``: the targets are class indices over the
     output's last dimension (so heads predict logits and predict() takes an argmax)."""

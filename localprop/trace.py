@@ -144,8 +144,9 @@ def trace(model: nn.Module, leaves: set[str], inputs: Sequence[str] = ()) -> fx.
     except Exception as e:  # torch.fx raises many kinds: TraceError, TypeError, RuntimeError, ...
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise TypeError(f"localize: torch.fx cannot trace {type(model).__name__}.forward: {first}. Make the module "
-                        f"that holds this code a block called whole (block=TheBlockClass, or a split point), or "
-                        f"give localize() an nn.Sequential / a list of blocks") from e
+                        f"that holds this code a block called whole (block=TheBlockClass, or a split point), "
+                        f"give localize() an nn.Sequential / a list of blocks, or train the model through "
+                        f"its own forward with localize(..., hooks=True) (rules greedy, bp, pgl)") from e
     return fx.GraphModule(model, graph)
 
 

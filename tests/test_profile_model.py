@@ -74,3 +74,20 @@ def test_describe_shows_which_node_sets_the_step_peak():
     assert max(peaks) == measured.peak_bytes and peaks[0] == max(peaks)  # the full-resolution node
     assert net.steps == 0 and all(torch.equal(a, b) for a, b in zip(before, net.parameters()))
     assert "step peak MiB" in str(summary)
+
+
+def tiny_hf_gpt2():
+    transformers = pytest.importorskip("transformers")
+    cfg = transformers.GPT2Config(n_layer=2, n_embd=16, n_head=2, vocab_size=32, n_positions=16, use_cache=False,
+                                  bos_token_id=0, eos_token_id=0)
+    return transformers.GPT2LMHeadModel(cfg)
+
+
+def test_profile_command_with_hooks_on_a_huggingface_model(tmp_path, capsys):
+    tiny_hf_gpt2()  # skips without transformers
+    code = main(["profile", "--model", "tests.test_profile_model:tiny_hf_gpt2", "--tokens", "32,10", "--batch", "4",
+                 "--nodes", "2", "--hooks", "--out", str(tmp_path), "--quiet"])
+    assert code == 0
+    rows = json.loads((tmp_path / "profile.json").read_text())
+    assert [r["rule"] for r in rows] == ["bp", "greedy", "pgl"] and all(r["peak_bytes"] > 0 for r in rows)
+    assert (tmp_path / "profile.png").stat().st_size > 0

@@ -14,10 +14,13 @@ from tqdm.auto import tqdm
 
 import localprop as lp
 from localprop import memory
+from localprop.hooked import output_tensor
 
 DEFAULT_RULES = ("bp", "bp+checkpoint", "greedy")
 #: the rules profiled on a model of one's own when --rules is not given
 MODEL_RULES = ("bp", "bp+checkpoint", "greedy", "sgr", "critic", "pgl")
+#: the same with --hooks (localize(hooks=True) trains these)
+HOOKED_RULES = ("bp", "greedy", "pgl")
 
 
 def deep_mlp(rule: str, width: int, depth: int, in_features: int, num_classes: int, backend: str | None = None):
@@ -92,8 +95,10 @@ def model_batch(factory, shape: list[int] | None, tokens: list[int] | None, batc
     model = factory().to(device).eval()
     with torch.no_grad():
         out = model(x[:2].to(device))
-    if not isinstance(out, torch.Tensor):
-        raise ValueError(f"--model: the model returns {type(out).__name__}; localprop needs one output tensor")
+    try:
+        out = output_tensor(model, out)
+    except TypeError as e:
+        raise ValueError(f"--model: {e}") from None
     if out.dim() in (2, 3) and not out.shape[-1] < 2:
         y = torch.randint(0, out.shape[-1], (batch, *out.shape[1:-1]), generator=g)
         return x.to(device), y.to(device), "cross_entropy"
@@ -106,10 +111,10 @@ def run_model(args) -> int:
 
     factory = import_target("--model", args.model)
     x, y, loss = model_batch(factory, args.input_shape, args.tokens, args.batch, args.device)
-    rules = list(args.rules or MODEL_RULES)
+    rules = list(args.rules or (HOOKED_RULES if args.hooks else MODEL_RULES))
     results = []
     for rule in tqdm(rules, desc="profile", disable=args.quiet, leave=False):
-        results += memory.compare_model(factory, x, y, rules=[rule], nodes=args.nodes, loss=loss)
+        results += memory.compare_model(factory, x, y, rules=[rule], nodes=args.nodes, loss=loss, hooks=args.hooks)
     rows = [{"rule": m.rule, "nodes": args.nodes, "batch": args.batch, "model": args.model, **m.as_dict()}
             for m in results]
     bp = next((r["peak_bytes"] for r in rows if r["rule"] == "bp"), None)
@@ -122,16 +127,16 @@ def run_model(args) -> int:
     out.mkdir(parents=True, exist_ok=True)
     (out / "profile.json").write_text(json.dumps(rows, indent=2))
     local = next((r for r in rules if r not in ("bp", "bp+checkpoint")), None)
-    lines = [_timeline(factory, "bp", None, x, y, loss)] + ([_timeline(factory, local, args.nodes, x, y, loss)]
-                                                             if local else [])
+    lines = [_timeline(factory, "bp", None, x, y, loss, args.hooks)] + \
+        ([_timeline(factory, local, args.nodes, x, y, loss, args.hooks)] if local else [])
     plot_model(rows, lines, out / "profile.png")
     print(f"wrote {out / 'profile.json'} and {out / 'profile.png'}")
     return 0
 
 
-def _timeline(factory, rule: str, nodes: int | None, x, y, loss) -> memory.Timeline:
+def _timeline(factory, rule: str, nodes: int | None, x, y, loss, hooks: bool) -> memory.Timeline:
     torch.manual_seed(0)
-    return memory.timeline(lp.localize(factory(), rule, nodes=nodes, loss=loss), x, y)
+    return memory.timeline(lp.localize(factory(), rule, nodes=nodes, loss=loss, hooks=hooks), x, y)
 
 
 def plot_model(rows: list[dict], lines: list[memory.Timeline], path: Path) -> None:
@@ -191,6 +196,9 @@ def register(sub) -> None:
                    help="the model takes token ids: vocabulary size and sequence length (with --model)")
     p.add_argument("--batch", type=int, default=128, help="batch size with --model (default 128)")
     p.add_argument("--nodes", type=int, default=4, help="nodes of the local rules with --model (default 4)")
+    p.add_argument("--hooks", action="store_true",
+                   help=f"with --model: localize through hooks on the model's own forward, for models torch.fx "
+                        f"cannot trace such as HuggingFace's (rules {' '.join(HOOKED_RULES)})")
     p.set_defaults(func=run)
 
 
