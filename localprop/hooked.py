@@ -101,7 +101,6 @@ class HookedNetwork(Network):
         self._reached: list[list[str]] = []   # per node: names of the parameters its loss trains
         self._owned: list[list[str]] = []     # per node: the parameters its optimizer steps
         self._optimizers: list[torch.optim.Optimizer | None] = []
-        self._losses: dict[str, float] = {}
 
     @property
     def node_names(self) -> list[str]:
@@ -137,7 +136,8 @@ class HookedNetwork(Network):
         inputs = {k: v[:2] if isinstance(v, torch.Tensor) and v.dim() and v.shape[0] == example.shape[0] else v
                   for k, v in inputs.items()}
         with _eval_mode(self):
-            shapes, reached = self._dry_run(example[:2], inputs, graph=True)
+            with torch.enable_grad():  # the parameters are found in the autograd graph
+                shapes, reached = self._dry_run(example[:2], inputs, graph=True)
             shorter = _shorter(example[:2], self.variable_dims)
             with torch.no_grad():
                 other = shapes if shorter is None else self._dry_run(shorter, _shorter_inputs(inputs, shorter))[0]

@@ -178,10 +178,11 @@ def localize(model: nn.Module | Sequence[nn.Module], rule: str | rules.Rule = "g
         example_input: a batch [B, ...] for the dry run that finds every node's output shape
             (and so its head); without it the dry run happens on the first batch.
         checkpoint: checkpointing inside each node: every block is recomputed during its
-            node's local backward, so a local step holds the node's boundary tensors and one
-            block's activations, not all of its blocks' (torch.utils.checkpoint: a block's
-            forward runs twice, and layers with running statistics, BatchNorm's, update
-            them twice a step, as under any checkpointing).
+            node's local backward, and so is the code between blocks of a traced model (a
+            stem, a classifier) as one segment per run, so a local step holds the node's
+            boundary tensors and one segment's activations, not all of its blocks'
+            (torch.utils.checkpoint: a block's forward runs twice, and layers with running
+            statistics, BatchNorm's, update them twice a step, as under any checkpointing).
 
         hooks: train through hooks on the model's own forward instead of a traced split
             (split points and ``nodes`` as above; ``balance`` "count" or "params").

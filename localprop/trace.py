@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import difflib
 import inspect
+import operator
 from collections import defaultdict
 from dataclasses import dataclass
 from typing import Iterable, Sequence
@@ -102,8 +103,9 @@ def split(model: nn.Module, starts: Sequence[str], leaves: Iterable[str], inputs
     the call of each module named in ``starts``; ``leaves``: modules traced as whole
     calls (the split points are too); ``inputs``: forward parameters with a default that
     are still given per batch (others with a default are fixed at it for the trace).
-    ``checkpoint``: every call of a leaf with parameters is checkpointed (its activations
-    recomputed in the node's backward, one block at a time)."""
+    ``checkpoint``: every call of a leaf is checkpointed (its activations recomputed in
+    the node's backward, one block at a time), and so is each run of the code between
+    them that uses parameters (see :func:`_checkpoint_between`)."""
     names = dict(model.named_modules())
     for s in starts:
         _check_name(model, names, s, "split point")
@@ -263,8 +265,75 @@ def _node(gm: fx.GraphModule, part, k: int, count: int, crossing: _Crossing, lab
         out = env[crossing.activation[k + 1]]
     writes = crossing.writes.get(k, [])
     graph.output((out, *[env[n] for n in writes]) if writes else out)
-    return TracedNode(fx.GraphModule(gm, graph), [_value_name(n) for n in reads],
-                      [_value_name(n) for n in writes], label)
+    block = fx.GraphModule(gm, graph)
+    if recompute:
+        _checkpoint_between(block)
+    return TracedNode(block, [_value_name(n) for n in reads], [_value_name(n) for n in writes], label)
+
+
+def _checkpoint_between(gm: fx.GraphModule) -> None:
+    """Checkpoint the code of a node between its checkpointed blocks too (a ResNet's stem,
+    a classifier after the pooling): each run of ops between two block calls that uses a
+    module with parameters becomes one checkpointed call, so that none of the node's
+    activations outlives the forward but the blocks' inputs. In place."""
+    runs, run = [], []
+    for n in gm.graph.nodes:
+        if n.op == "get_attr":
+            continue  # a parameter read: copied into the run that uses it
+        if n.op in ("placeholder", "output") or (n.op == "call_function" and n.target is checkpointed):
+            runs.append(run)
+            run = []
+        else:
+            run.append(n)
+    for i, run in enumerate(r for r in runs if any(n.op == "call_module" and _has_params(gm.get_submodule(n.target))
+                                                   for n in r)):
+        _checkpoint_run(gm, run, f"_between{i}")
+    gm.graph.lint()
+    gm.recompile()
+
+
+def _checkpoint_run(gm: fx.GraphModule, run: list[fx.Node], name: str) -> None:
+    """Replace the consecutive ops ``run`` of ``gm`` by one checkpointed call of a
+    GraphModule of them (registered as ``name``, through :class:`_Run`)."""
+    inside = set(run)
+    inputs = list(dict.fromkeys(a for n in run for a in n.all_input_nodes if a not in inside and a.op != "get_attr"))
+    outputs = [n for n in run if any(u not in inside for u in n.users)]
+    sub, env = fx.Graph(), {}
+    for a in inputs:
+        env[a] = sub.placeholder(a.name)
+
+    def arg(a: fx.Node) -> fx.Node:
+        if a not in env:  # a parameter or buffer read
+            env[a] = sub.node_copy(a)
+        return env[a]
+
+    for n in run:
+        env[n] = sub.node_copy(n, arg)
+    sub.output(tuple(env[o] for o in outputs))
+    gm.add_submodule(name, _Run(fx.GraphModule(gm, sub)))
+    with gm.graph.inserting_before(run[0]):
+        call = gm.graph.call_function(checkpointed, (gm.graph.get_attr(name), *inputs))
+        results = [gm.graph.call_function(operator.getitem, (call, j)) for j in range(len(outputs))]
+    for old, new in zip(outputs, results):
+        old.replace_all_uses_with(new)
+    for n in reversed(run):
+        gm.graph.erase_node(n)
+    for n in list(gm.graph.nodes):  # parameter reads only the run used
+        if n.op == "get_attr" and not n.users:
+            gm.graph.erase_node(n)
+
+
+class _Run(nn.Module):
+    """Ops of a node between its blocks, as one module to checkpoint. Its GraphModule is
+    held unregistered: the modules it calls are the node's own, which state_dict() must
+    not list twice (deep copies keep them shared)."""
+
+    def __init__(self, gm: fx.GraphModule) -> None:
+        super().__init__()
+        object.__setattr__(self, "graph_module", gm)
+
+    def forward(self, *args):
+        return self.graph_module(*args)
 
 
 def checkpointed(module: nn.Module, *args, **kwargs):

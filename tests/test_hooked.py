@@ -361,3 +361,10 @@ def test_huggingface_checkpointing_recomputes_inside_each_nodes_backward():
         assert a.losses == b.losses
     for (name, p), q in zip(plain.named_parameters(), checkpointed.parameters()):
         assert torch.equal(p, q), name
+
+
+def test_building_under_no_grad_still_finds_every_nodes_parameters():
+    x, _ = images()
+    with torch.no_grad():
+        net = lp.localize(small_resnet(), nodes=2, hooks=True).build(x)
+    assert all(net._owned) and sum(map(len, net._owned)) == len(list(net.model.parameters()))

@@ -9,7 +9,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import localprop as lp
-from localprop import zoo
+from localprop import trace, zoo
 
 SGD = functools.partial(torch.optim.SGD, lr=0.05, momentum=0.9)
 
@@ -414,3 +414,31 @@ def test_containers_inside_blocks_are_the_blocks_own():
     net = lp.localize(zoo.ResNet((1, 1, 1, 1), width=4), nodes=4)
     assert [n.label for n in net.nodes] == ["from the model's input", "from 'layer2.0'", "from 'layer3.0'",
                                             "from 'layer4.0'"]
+
+
+def test_checkpointing_inside_nodes_keeps_no_activation_of_the_code_between_blocks():
+    """With checkpoint=True a node's forward saves, for its backward, only the input of each
+    checkpointed call: nothing of the blocks, nor of the stem before them or the classifier
+    after them (one call each); parameters and state_dict keys are those of checkpoint=False."""
+    x, _ = images(4)
+
+    def saved_for_backward(node, u):
+        shapes = []
+        with torch.autograd.graph.saved_tensors_hooks(lambda t: shapes.append(tuple(t.shape)) or t, lambda t: t):
+            node(u)
+        return shapes
+
+    torch.manual_seed(0)
+    plain = lp.localize(small_resnet(), nodes=2).build(x)
+    torch.manual_seed(0)
+    net = lp.localize(small_resnet(), nodes=2, checkpoint=True).build(x)
+    assert list(net.state_dict()) == list(plain.state_dict())
+    u = x
+    for node in net.nodes:
+        calls = [n for n in node.block.graph.nodes if n.op == "call_function" and n.target is trace.checkpointed]
+        saved = saved_for_backward(node, u)
+        assert len(saved) == len(calls) < len(saved_for_backward(plain.nodes[int(node.name)], u)), saved
+        with torch.no_grad():
+            u = node(u)
+    # node 0: the stem as one call (its input x saved), then its 4 blocks; node 1: 4 blocks, the classifier
+    assert [len(saved_for_backward(n, h)) for n, h in zip(net.nodes, (x, net.nodes[0](x).detach()))] == [5, 5]
