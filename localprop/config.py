@@ -8,8 +8,8 @@ Keys (all optional; defaults in :data:`DEFAULTS`):
                  Dataset of (x, y) pairs, split by ``test_fraction``); or a table
                  {name = ..., <keyword arguments of the function>}
     model        {mlp = [in, h1, ..., classes]} (localprop.mlp: LocalLinear nodes, ReLU but the last) |
-                 {module = "module:function", nodes = K, kwargs = {...}} (any nn.Module,
-                 made local with localize(..., nodes=K))
+                 {module = "module:function", nodes = K, kwargs = {...}, hooks = false} (any
+                 nn.Module, made local with localize(..., nodes=K, hooks=...))
     rule         "greedy" | {name = "sgr", lam = 0.1, ...} (a name of localprop.rules.REGISTRY, or
                  "module:Class" of a Rule of one's own, and the rule's keyword arguments)
     optimizer    {name = "sgd" | "adam" | "adamw", <torch.optim keyword arguments>}
@@ -169,9 +169,11 @@ def _validate_model(model: Any) -> None:
             raise ConfigError("model.mlp", "a list of >= 2 positive layer widths [in, ..., classes]", sizes)
         return
     if isinstance(model, dict) and isinstance(model.get("module"), str):
-        extra = sorted(set(model) - {"module", "nodes", "kwargs"})
+        extra = sorted(set(model) - {"module", "nodes", "kwargs", "hooks"})
         if extra:
-            raise ConfigError(f"model.{extra[0]}", "only the keys module, nodes, kwargs", model[extra[0]])
+            raise ConfigError(f"model.{extra[0]}", "only the keys module, nodes, kwargs, hooks", model[extra[0]])
+        if not isinstance(model.get("hooks", False), bool):
+            raise ConfigError("model.hooks", "true or false", model["hooks"])
         if "nodes" in model:
             _positive_int("model.nodes", model["nodes"])
         if not isinstance(model.get("kwargs", {}), dict):
@@ -310,6 +312,7 @@ def network(cfg: dict[str, Any], split: data.Split):
     if not isinstance(made, nn.Module):
         raise ConfigError("model.module", "a function returning an nn.Module", made)
     try:
-        return localize(made, nodes=model.get("nodes"), example_input=split.x_train[:2], **common)
+        return localize(made, nodes=model.get("nodes"), example_input=split.x_train[:2],
+                        hooks=model.get("hooks", False), **common)
     except (TypeError, ValueError) as exc:
         raise ConfigError("model", f"a model that localize() accepts ({exc})", model) from None

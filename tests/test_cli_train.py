@@ -57,6 +57,19 @@ def test_train_an_nn_module_of_ones_own(tmp_path):
     assert json.loads(out.read_text())["steps"] == 6
 
 
+def test_train_through_hooks_and_refused_across_ranks(tmp_path, capsys):
+    out = tmp_path / "r.json"
+    flags = ["train", "--dataset", "tests.test_cli_train:tiny_split", "--epochs", "2", "--batch-size", "32",
+             "--model", "tests.test_cli_train:residual_model", "--nodes", "3", "--hooks", "--quiet"]
+    assert main([*flags, "--json", str(out)]) == 0
+    r = json.loads(out.read_text())
+    assert r["steps"] == 6 and r["peak_bytes_per_rank"][0] > 0
+    assert main([*flags, "--ranks", "2"]) == 2
+    assert "no standalone nodes" in capsys.readouterr().err
+    assert main(["train", *SMALL, "--hooks"]) == 2
+    assert "config key '--hooks'" in capsys.readouterr().err
+
+
 def test_train_writes_json(tmp_path):
     out = tmp_path / "r.json"
     assert main(["train", *SMALL, "--json", str(out)]) == 0

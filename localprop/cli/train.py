@@ -279,7 +279,7 @@ def table(args) -> dict:
         opt = dict(config.DEFAULTS["optimizer"] if args.optimizer is None else {"name": args.optimizer})
         table["optimizer"] = {**opt, **({} if args.lr is None else {"lr": args.lr})}
     if args.model is not None:
-        table["model"] = _model_flag(args.model, args.nodes)
+        table["model"] = _model_flag(args.model, args.nodes, args.hooks)
     dist = {k: v for k, v in (("mode", args.mode), ("staleness", args.staleness), ("timeout", args.timeout))
             if v is not None}
     if dist:
@@ -299,14 +299,16 @@ def _json(flag: str, text: str | None) -> dict:
     return value
 
 
-def _model_flag(text: str, nodes: int | None) -> dict:
-    """--model mlp:64,256,10 or --model module:function (with --nodes K)."""
+def _model_flag(text: str, nodes: int | None, hooks: bool = False) -> dict:
+    """--model mlp:64,256,10 or --model module:function (with --nodes K, --hooks)."""
+    if hooks and text.startswith("mlp:"):
+        raise config.ConfigError("--hooks", "a --model module:function (an mlp: model has standalone nodes)", text)
     if text.startswith("mlp:"):
         try:
             return {"mlp": [int(w) for w in text[4:].split(",")]}
         except ValueError:
             raise config.ConfigError("--model", "mlp:<width>,<width>,... of integers", text) from None
-    return {"module": text, **({} if nodes is None else {"nodes": nodes})}
+    return {"module": text, **({} if nodes is None else {"nodes": nodes}), **({"hooks": True} if hooks else {})}
 
 
 def run(args) -> int:
@@ -371,6 +373,9 @@ def register(sub) -> None:
     p.add_argument("--dataset", help='digits, mnist1d, a .npz file or "module:function"')
     p.add_argument("--model", help='mlp:<in>,<widths>,...,<classes> or "module:function" (any nn.Module)')
     p.add_argument("--nodes", type=int, help="with --model module:function, the number of nodes K")
+    p.add_argument("--hooks", action="store_true",
+                   help="with --model module:function: train through hooks on the model's own forward "
+                        "(localize(hooks=True): models torch.fx cannot trace; rules greedy, bp, pgl; one process)")
     p.add_argument("--rule", help="greedy, sgr, critic, bll, pgl, locprop, bp, bp+checkpoint")
     p.add_argument("--rule-kwargs", help='the rule\'s keyword arguments as JSON, e.g. \'{"lam": 0.1}\'')
     p.add_argument("--optimizer", choices=list(config.OPTIMIZERS))

@@ -59,8 +59,9 @@ def step_memory(net, counts: list[int], rank: int, x: torch.Tensor | None, y: to
 
 def check_standalone(net) -> None:
     """Every node must take only the activation: values a traced model passes beside it
-    (keyword inputs, positions, masks: see localprop.trace) do not cross processes."""
-    for node in net.nodes:
+    (keyword inputs, positions, masks: see localprop.trace) do not cross processes. A
+    network without standalone nodes (localize(hooks=True)) says so from topology()."""
+    for node in net.topology().order:
         extra = getattr(node, "reads", ()) + getattr(node, "writes", ())
         if extra or net.input_names:
             what = ", ".join(map(repr, extra or net.input_names))
