@@ -368,3 +368,44 @@ def test_building_under_no_grad_still_finds_every_nodes_parameters():
     with torch.no_grad():
         net = lp.localize(small_resnet(), nodes=2, hooks=True).build(x)
     assert all(net._owned) and sum(map(len, net._owned)) == len(list(net.model.parameters()))
+
+
+def _llama():
+    transformers = pytest.importorskip("transformers")
+    cfg = transformers.LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=4,
+                                   num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
+                                   use_cache=False)
+    return transformers.LlamaForCausalLM(cfg)
+
+
+def _vit():
+    transformers = pytest.importorskip("transformers")
+    cfg = transformers.ViTConfig(image_size=16, patch_size=4, num_channels=3, hidden_size=32, num_hidden_layers=4,
+                                 num_attention_heads=4, intermediate_size=64, num_labels=5)
+    return transformers.ViTForImageClassification(cfg)
+
+
+def _ids():
+    seq = torch.randint(0, 64, (4, 12), generator=torch.Generator().manual_seed(4))
+    return seq[:, :-1], seq[:, 1:]
+
+
+def _images():
+    g = torch.Generator().manual_seed(5)
+    return torch.randn(6, 3, 16, 16, generator=g), torch.randint(0, 5, (6,), generator=g)
+
+
+@pytest.mark.parametrize("make,batch,kw", [
+    (_llama, _ids, {}),                    # rotary position embeddings passed to every layer as keywords
+    (_vit, _images, {"heads": "tokens"}),  # patch tokens of float images: pooled token heads
+])
+def test_other_huggingface_families_learn_through_hooks(make, batch, kw):
+    torch.manual_seed(0)
+    model = make()
+    net = lp.localize(model, nodes=2, hooks=True, optimizer=functools.partial(torch.optim.Adam, lr=3e-3), **kw)
+    x, y = batch()
+    first = net.train_step(x, y).losses
+    for _ in range(25):
+        last = net.train_step(x, y).losses
+    assert net.starts[0].endswith("layers.2")
+    assert all(last[k] < 0.8 * first[k] for k in first), (first, last)
