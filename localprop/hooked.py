@@ -25,6 +25,7 @@ twice or pass messages between nodes (sgr, critic, bll, locprop). Rules here: "g
 from __future__ import annotations
 
 import contextlib
+import copy
 import functools
 from collections.abc import Mapping
 from typing import Callable, Sequence
@@ -351,16 +352,21 @@ class HookedNetwork(Network):
         return Prediction(labels, torch.full(labels.shape[:1], len(self.starts), dtype=torch.int64,
                                              device=labels.device))
 
-    def describe(self) -> Summary:
+    def describe(self, x: torch.Tensor | None = None, y: torch.Tensor | None = None, **inputs) -> Summary:
         """Every node's output shape, parameters (those its optimizer steps) and forward
         FLOPs per sample (counted between its split points on a two-sample dry run), with
-        its head's: what local learning adds to the model."""
+        its head's: what local learning adds to the model. With a batch (x, y), also the
+        allocator's peak while each node ran in a training step (its forward, and its
+        local backward and update), measured on a copy (this network, and the RNG, untouched)."""
+        if x is not None and not self.built:
+            self.build(x, **inputs)
         if not self.built:
             raise RuntimeError("describe(): build the network first (build(x) or a first batch)")
+        peaks = [None] * (len(self.starts) + 1) if x is None else self._step_peaks(x, y, inputs)
         from torch.utils.flop_counter import FlopCounterMode
 
         like = next(self.model.parameters())
-        x = torch.zeros(2, *self._example_shape, dtype=self.input_dtype, device=like.device)
+        example = torch.zeros(2, *self._example_shape, dtype=self.input_dtype, device=like.device)
         totals, entering = [], []  # the FLOPs counted when each split point is reached, its input
         with _eval_mode(self), torch.no_grad(), FlopCounterMode(display=False) as counter:
             def boundary(k, module, args, kwargs):
@@ -368,7 +374,7 @@ class HookedNetwork(Network):
                 entering.append(_boundary_tensor(self.starts[k], args, kwargs)[0])
 
             with self._hooks(boundary):
-                self.model(x, **self._example_inputs)
+                self.model(example, **self._example_inputs)
             totals.append(counter.get_total_flops())
         flops = [(b - a) // 2 for a, b in zip([0] + totals, totals)]  # per sample of the two
         head_flops = []
@@ -383,8 +389,31 @@ class HookedNetwork(Network):
             label = "model start" if k == 0 else f"from {self.starts[k - 1]!r}"
             shape_in = self.input_spec if k == 0 else self.output_specs[k - 1]
             rows.append(NodeSummary(str(k), label, tuple(shape_in), tuple(shape), own, head, flops[k],
-                                    head_flops[k] if k < len(head_flops) else 0))
+                                    head_flops[k] if k < len(head_flops) else 0, peaks[k]))
         return Summary(rows, self.rule.name)
+
+    def _step_peaks(self, x, y, inputs) -> list[int | None]:
+        """Per node, the allocator's peak while it ran in one training step of a copy. Node
+        k's events: from the first module run inside its start (node k-1's local backward
+        and update happen just before it, in the start's hook, and count for node k-1) to
+        the first inside the next start."""
+        from . import memory
+
+        rng, trial = torch.get_rng_state(), copy.deepcopy(self)
+        try:
+            line = memory.timeline(trial, x, y, **inputs)
+        finally:
+            torch.set_rng_state(rng)
+        peaks: list[int | None] = [None] * (len(self.starts) + 1)
+        k = 0
+        for event, peak in zip(line.events, line.peaks):
+            module = event.split(" ")[1] if event.startswith("forward ") else ""
+            while k < len(self.starts) and (module == f"model.{self.starts[k]}"
+                                            or module.startswith(f"model.{self.starts[k]}.")):
+                k += 1
+            if event not in ("start", "end"):
+                peaks[k] = peak if peaks[k] is None else max(peaks[k], peak)
+        return peaks
 
     def extra_repr(self) -> str:
         return f"rule={self.rule!r}, starts={self.starts}"

@@ -409,3 +409,16 @@ def test_other_huggingface_families_learn_through_hooks(make, batch, kw):
         last = net.train_step(x, y).losses
     assert net.starts[0].endswith("layers.2")
     assert all(last[k] < 0.8 * first[k] for k in first), (first, last)
+
+
+def test_describe_with_a_batch_shows_each_nodes_step_peak():
+    x, y = images()
+    torch.manual_seed(0)
+    net = lp.localize(small_resnet(), nodes=4, hooks=True).build(x)
+    before = params(net)
+    peaks = [n.step_peak for n in net.describe(x, y).nodes]
+    torch.manual_seed(0)
+    measured = lp.memory.measure_step(lp.localize(small_resnet(), nodes=4, hooks=True).build(x), x, y)
+    assert all(p is not None and p > 0 for p in peaks)
+    assert max(peaks) == measured.peak_bytes and peaks[0] == max(peaks)  # the full-resolution node
+    assert net.steps == 0 and all(torch.equal(a, b) for a, b in zip(before, net.parameters()))
