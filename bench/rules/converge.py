@@ -21,6 +21,8 @@ seeds), that validation accuracy, epochs trained, chosen lr; a learning-curve PN
 On one thread of a shared 2-core CPU: 8 nodes (CNN and MLP) 19 minutes, 4 nodes 11, the
 16-node MLP 11; the 16-node CNN, about twice the 8-node one's 13.5, was not run.
     python bench/rules/converge.py --quick         # smoke run, nothing written
+    python bench/rules/converge.py --depths 4 8 --rules sgr:lam=0.1 sgr:distance=relative,lam=1
+                                                   # a rule at other settings (here sgr's sweep)
 
 Rows are appended to bench/results/rules_converged.csv after each (model, nodes), so an
 interrupted run keeps what it finished; bench/results/rules_converged.md gets the tables,
@@ -89,8 +91,22 @@ def splits() -> tuple[data.Split, torch.Tensor, torch.Tensor]:
 
 
 def rule_of(name: str):
-    """The rule a label names: registry defaults, "pgl-own" the PGL with its own global state."""
-    return lp.rules.PGL(global_state="own") if name == "pgl-own" else name
+    """The rule a label names: a registry name at its defaults, "pgl-own" the PGL with its
+    own global state, or "name:key=value,..." the rule with those keyword arguments
+    (numbers or strings: "sgr:distance=relative,lam=0.1")."""
+    if name == "pgl-own":
+        return lp.rules.PGL(global_state="own")
+    if ":" not in name:
+        return name
+    rule, _, args = name.partition(":")
+    kwargs = {}
+    for item in args.split(","):
+        key, _, value = item.partition("=")
+        try:
+            kwargs[key] = float(value)
+        except ValueError:
+            kwargs[key] = value
+    return lp.rules.REGISTRY[rule](**kwargs)
 
 
 def factory(model: str, depth: int, lr: float, example: torch.Tensor):

@@ -11,7 +11,7 @@ from ..errors import check_choice, check_float
 from ..nodes import InputGradPenalty
 from .base import LocalRule, Messages, NodeStep
 
-DISTANCES = ("l2", "cosine")
+DISTANCES = ("l2", "relative", "cosine")
 MODES = ("auto", "exact", "finite_difference")
 
 
@@ -23,7 +23,8 @@ class SGR(LocalRule):
 
         L_k + R_k,   L_k = CE(a_k(h_k), y)  (the last node: CE(h_k, y)),
         R_k = lam · mean_b D(G_in(b), G_prev(b)),
-        D = ‖G_in − G_prev‖²  ("l2")  or  1 − cos(G_in, G_prev)  ("cosine"),
+        D = ‖G_in − G_prev‖²  ("l2"),  ‖G_in − G_prev‖² / ‖G_prev‖²  ("relative", scale-free:
+            the predecessor's norm is a constant of the step) or 1 − cos(G_in, G_prev)  ("cosine"),
 
     where u = sg(h_{k-1}) is a leaf, G_in = B · ∂L_k/∂u and G_prev = B · ∂L_{k-1}/∂h_{k-1},
     the message node k-1 computed in its own step (detached, activation-sized, travelling
@@ -45,7 +46,7 @@ class SGR(LocalRule):
 
     Args:
         lam: penalty weight λ >= 0 (default 1.0, chosen on digits; ``lam=0`` is greedy).
-        distance: "l2" (default) or "cosine".
+        distance: "l2" (default), "relative" or "cosine".
         mode: "auto" (default), "exact" or "finite_difference".
         eps: relative finite-difference step, > 0 (default 1e-2: in float32 the rounding
             error of the difference stays ~1e-5 relative while ReLU kinks crossed by the
@@ -85,6 +86,8 @@ class SGR(LocalRule):
         a, c = g_in.flatten(1), g_prev.flatten(1)
         if self.distance == "l2":
             return self.lam * (a - c).pow(2).sum(1).mean()
+        if self.distance == "relative":
+            return self.lam * ((a - c).pow(2).sum(1) / _norm(c).squeeze(1).pow(2)).mean()
         return self.lam * (1 - _cos(a, c)).mean()
 
     def direction(self, g_in: torch.Tensor, g_prev: torch.Tensor) -> torch.Tensor:
@@ -92,6 +95,8 @@ class SGR(LocalRule):
         a, c = g_in.flatten(1), g_prev.flatten(1)
         if self.distance == "l2":
             return (2 * self.lam * (a - c)).view_as(g_in)
+        if self.distance == "relative":
+            return (2 * self.lam * (a - c) / _norm(c).pow(2)).view_as(g_in)
         na, nc = _norm(a), _norm(c)
         v = -self.lam * (c / (na * nc) - _cos(a, c)[:, None] * a / (na * na))
         return v.view_as(g_in)

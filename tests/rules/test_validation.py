@@ -25,7 +25,7 @@ NAN, INF = float("nan"), float("inf")
     (lambda: SGR(lam=INF), ValueError, r"SGR: lam must be a finite number >= 0, got inf"),
     (lambda: SGR(lam=True), TypeError, r"SGR: lam must be a finite number >= 0, got True \(bool\)"),
     (lambda: SGR(lam="1"), TypeError, r"SGR: lam must be a finite number >= 0, got '1' \(str\)"),
-    (lambda: SGR(distance="l1"), ValueError, r"SGR: distance must be one of l2, cosine, got 'l1'"),
+    (lambda: SGR(distance="l1"), ValueError, r"SGR: distance must be one of l2, relative, cosine, got 'l1'"),
     (lambda: SGR(mode="forward"), ValueError,
      r"SGR: mode must be one of auto, exact, finite_difference, got 'forward'"),
     (lambda: SGR(eps=0), ValueError, r"SGR: eps must be > 0, got 0"),
