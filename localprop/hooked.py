@@ -291,9 +291,8 @@ class HookedNetwork(Network):
         loss.backward()
         if self.max_grad_norm is not None:  # over the whole model, as under bp
             nn.utils.clip_grad_norm_(list(self.model.parameters()), self.max_grad_norm)
-        for k, optimizer in enumerate(self._optimizers):
-            if optimizer is not None:
-                optimizer.step()
+        for optimizer in self.optimizers():  # every node steps before any is checked, as under bp
+            optimizer.step()
         for k, optimizer in enumerate(self._optimizers):
             if optimizer is not None:
                 optimizer.zero_grad(set_to_none=True)

@@ -226,17 +226,12 @@ def _localize_hooked(model, nodes, split_points, block, balance, checkpoint, out
         raise ValueError(f"localize(hooks=True): balance={balance!r} measures standalone blocks; give "
                          f"balance='count' or 'params'")
     if split_points is not None:
-        if nodes is not None:
-            raise ValueError("localize: give nodes= or split_points=, not both")
-        starts = list(split_points)
+        starts = _given_starts(split_points, nodes)
     else:
         blocks = trace.find_blocks(model, block)
         if not blocks:
             raise ValueError(f"localize: {type(model).__name__} has no blocks to make nodes of; give split_points=")
-        count = len(blocks) if nodes is None else nodes
-        if not isinstance(count, int) or not 1 <= count <= len(blocks):
-            raise ValueError(f"localize: nodes must lie in [1, {len(blocks)}] for {type(model).__name__}, which "
-                             f"has {len(blocks)} blocks, got {count!r}")
+        count = _node_count(model, blocks, nodes)
         costs = _block_costs(model, blocks, (), balance, None) if count < len(blocks) else None
         starts = _starts(blocks, count, costs)
     kept = {k: v for k, v in common.items() if k != "backend"}  # no fused ops: no backend
@@ -264,19 +259,11 @@ def _localize_traced(model, nodes, split_points, block, inputs, balance, example
         raise ValueError(f"localize: {type(model).__name__} has no blocks to make nodes of (no child module has "
                          f"parameters); give split_points= or block=, or build the nodes yourself")
     if split_points is not None:
-        if nodes is not None:
-            raise ValueError("localize: give nodes= or split_points=, not both")
-        starts = list(split_points)
-        if not starts:
-            raise ValueError("localize: split_points is empty; give at least one module name (or nodes=)")
+        starts = _given_starts(split_points, nodes)
         leaves = starts + [b for b in blocks if not any(_related(b, s) for s in starts)]
     else:
         blocks = _called(model, blocks, inputs)
-        count = len(blocks) if nodes is None else nodes
-        if not isinstance(count, int) or not 1 <= count <= len(blocks):
-            raise ValueError(f"localize: nodes must lie in [1, {len(blocks)}] for {type(model).__name__}, which "
-                             f"has {len(blocks)} blocks ({', '.join(blocks[:3])}{', ...' if len(blocks) > 3 else ''}), "
-                             f"got {count!r}")
+        count = _node_count(model, blocks, nodes)
         costs = _block_costs(model, blocks, inputs, balance, example_input) if count < len(blocks) else None
         starts = _starts(blocks, count, costs)
         leaves = blocks
@@ -286,6 +273,26 @@ def _localize_traced(model, nodes, split_points, block, inputs, balance, example
     for node in cut.nodes:
         node.values = net.batch_inputs  # one dict: side values computed by a node reach the later ones
     return net
+
+
+def _given_starts(split_points: Sequence[str], nodes: int | None) -> list[str]:
+    """The split points given, checked: not empty, not with ``nodes``."""
+    if nodes is not None:
+        raise ValueError("localize: give nodes= or split_points=, not both")
+    starts = list(split_points)
+    if not starts:
+        raise ValueError("localize: split_points is empty; give at least one module name (or nodes=)")
+    return starts
+
+
+def _node_count(model: nn.Module, blocks: list[str], nodes: int | None) -> int:
+    """K for ``nodes`` (None: one node per block), checked against the model's blocks."""
+    count = len(blocks) if nodes is None else nodes
+    if not isinstance(count, int) or not 1 <= count <= len(blocks):
+        raise ValueError(f"localize: nodes must lie in [1, {len(blocks)}] for {type(model).__name__}, which "
+                         f"has {len(blocks)} blocks ({', '.join(blocks[:3])}{', ...' if len(blocks) > 3 else ''}), "
+                         f"got {count!r}")
+    return count
 
 
 def _called(model: nn.Module, blocks: list[str], inputs) -> list[str]:

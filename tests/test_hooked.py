@@ -11,6 +11,7 @@ from torch import nn
 
 import localprop as lp
 from localprop import zoo
+from tests.test_localize_models import Branchy
 
 SGD = functools.partial(torch.optim.SGD, lr=0.05, momentum=0.9)
 
@@ -116,17 +117,6 @@ def test_a_value_that_skips_a_split_carries_no_gradient_back():
     assert all(torch.equal(a, b) for a, b in zip(*stems))
     with pytest.raises(ValueError, match="two activations pass from node 0 to node 1"):
         lp.localize(Skip(), split_points=["blocks.2"])
-
-
-class Branchy(nn.Module):
-    def __init__(self):
-        super().__init__()
-        self.a, self.b = nn.Linear(4, 4), nn.Linear(4, 3)
-
-    def forward(self, x):
-        if x.sum() > 0:  # data-dependent control flow: torch.fx cannot trace it
-            x = -x
-        return self.b(torch.relu(self.a(x)))
 
 
 def test_an_untraceable_forward_trains_through_hooks_and_the_trace_error_says_so():
