@@ -47,14 +47,14 @@ def test_exact_and_finite_difference_agree(make_net, distance, batch64):
 
 
 def test_the_relative_penalty_is_scale_free():
-    """"relative" divides by the predecessor's gradient norm: scaling both gradients (a loss
-    scaled by s) leaves it unchanged, where "l2" scales by s²."""
+    """"relative" divides by the predecessor's mean squared gradient norm: scaling both
+    gradients (a loss scaled by s) leaves it unchanged, where "l2" scales by s²."""
     g = torch.Generator().manual_seed(3)
     a, c = torch.randn(5, 7, generator=g, dtype=torch.float64), torch.randn(5, 7, generator=g, dtype=torch.float64)
     rel, l2 = lp.rules.SGR(distance="relative"), lp.rules.SGR(distance="l2")
     torch.testing.assert_close(rel.penalty(10 * a, 10 * c), rel.penalty(a, c), rtol=1e-12, atol=0)
     torch.testing.assert_close(l2.penalty(10 * a, 10 * c), 100 * l2.penalty(a, c), rtol=1e-12, atol=0)
-    expected = ((a - c).pow(2).sum(1) / c.pow(2).sum(1)).mean()
+    expected = (a - c).pow(2).sum(1).mean() / c.pow(2).sum(1).mean()
     torch.testing.assert_close(rel.penalty(a, c), expected, rtol=1e-12, atol=0)
 
 
