@@ -442,3 +442,19 @@ def test_checkpointing_inside_nodes_keeps_no_activation_of_the_code_between_bloc
             u = node(u)
     # node 0: the stem as one call (its input x saved), then its 4 blocks; node 1: 4 blocks, the classifier
     assert [len(saved_for_backward(n, h)) for n, h in zip(net.nodes, (x, net.nodes[0](x).detach()))] == [5, 5]
+
+
+def test_a_copy_of_a_checkpointed_node_runs_its_own_modules():
+    """The checkpointed code between blocks calls the node's own modules, in a deep copy
+    the copy's: training the copy leaves the original as it was, and learns as it would."""
+    x, y = images(4)
+    torch.manual_seed(0)
+    net = lp.localize(small_resnet(), nodes=2, checkpoint=True, optimizer=SGD).build(x)
+    twin = copy.deepcopy(net)
+    stem = twin.nodes[0].block._between0.graph_module
+    assert stem.conv1 is twin.nodes[0].block.conv1 and stem.conv1 is not net.nodes[0].block.conv1
+    before = params(net)
+    twin.train_step(x, y)
+    assert all(torch.equal(a, b) for a, b in zip(before, net.parameters()))
+    net.train_step(x, y)
+    assert all(torch.equal(a, b) for a, b in zip(net.parameters(), twin.parameters()))
