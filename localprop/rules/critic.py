@@ -21,6 +21,10 @@ OptimizerFactory = Callable[[Iterable[nn.Parameter]], torch.optim.Optimizer]
 DEFAULT_CRITIC_OPTIMIZER: OptimizerFactory = functools.partial(torch.optim.Adam, lr=1e-3)
 
 
+#: the resolution a default critic's convolution runs at (per spatial dimension)
+POOLED = 4
+
+
 def default_critic(shape: tuple[int, ...], num_classes: int, hidden: int = 64, per_position: bool = False,
                    tokens: bool = False) -> nn.Module:
     """The default critic for per-sample features of ``shape``, predicting ``num_classes``
@@ -29,10 +33,12 @@ def default_critic(shape: tuple[int, ...], num_classes: int, hidden: int = 64, p
     normalisation of the features:
 
     - [C]: LayerNorm(C), Linear(C, hidden), ReLU, Linear(hidden, classes);
-    - [C, H, W]: GroupNorm(1, C), Conv2d(C, C, 3, padding 1), ReLU, AdaptiveAvgPool2d(2),
-      flatten, Linear(4C, classes) (C filters rather than the paper's 128, so that a critic
-      costs about one conv layer of the block it reads);
-    - [C, L]: the same with Conv1d and AdaptiveAvgPool1d(2), Linear(2C, classes);
+    - [C, H, W]: GroupNorm(1, C), AdaptiveAvgPool2d(POOLED), Conv2d(C, C, 3, padding 1), ReLU,
+      AdaptiveAvgPool2d(2), flatten, Linear(4C, classes) (C filters rather than the paper's
+      128; the convolution runs on the POOLED x POOLED map, not at the features' resolution,
+      the library's own choice: at full resolution a critic cost about one conv layer of the
+      block it reads, so that exiting at a critic cost more than running the whole network);
+    - [C, L]: the same with AdaptiveAvgPool1d(POOLED), Conv1d, AdaptiveAvgPool1d(2), Linear(2C, classes);
     - other shapes: flatten, then the [C] critic;
     - token features [T, D] (``tokens``, or ``per_position`` outputs): the [C] critic on
       each position, after a mean over positions for per-sample outputs.
@@ -49,11 +55,13 @@ def default_critic(shape: tuple[int, ...], num_classes: int, hidden: int = 64, p
         pool = [] if per_position else [MeanOverPositions()]
         return nn.Sequential(*pool, *_mlp_critic(shape[1], num_classes, hidden))
     if len(shape) == 3:
-        return nn.Sequential(nn.GroupNorm(1, c, affine=False), nn.Conv2d(c, c, 3, padding=1), nn.ReLU(),
-                             nn.AdaptiveAvgPool2d(2), nn.Flatten(), nn.Linear(4 * c, num_classes))
+        return nn.Sequential(nn.GroupNorm(1, c, affine=False), nn.AdaptiveAvgPool2d(POOLED),
+                             nn.Conv2d(c, c, 3, padding=1), nn.ReLU(), nn.AdaptiveAvgPool2d(2), nn.Flatten(),
+                             nn.Linear(4 * c, num_classes))
     if len(shape) == 2:
-        return nn.Sequential(nn.GroupNorm(1, c, affine=False), nn.Conv1d(c, c, 3, padding=1), nn.ReLU(),
-                             nn.AdaptiveAvgPool1d(2), nn.Flatten(), nn.Linear(2 * c, num_classes))
+        return nn.Sequential(nn.GroupNorm(1, c, affine=False), nn.AdaptiveAvgPool1d(POOLED),
+                             nn.Conv1d(c, c, 3, padding=1), nn.ReLU(), nn.AdaptiveAvgPool1d(2), nn.Flatten(),
+                             nn.Linear(2 * c, num_classes))
     return nn.Sequential(nn.Flatten(), *_mlp_critic(math.prod(shape), num_classes, hidden))
 
 
