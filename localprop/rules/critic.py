@@ -22,7 +22,7 @@ DEFAULT_CRITIC_OPTIMIZER: OptimizerFactory = functools.partial(torch.optim.Adam,
 
 
 #: the resolution a default critic's convolution runs at (per spatial dimension)
-POOLED = 4
+POOLED = 8
 
 
 def default_critic(shape: tuple[int, ...], num_classes: int, hidden: int = 64, per_position: bool = False,

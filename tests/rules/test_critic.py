@@ -58,9 +58,9 @@ def test_conv_critics_train_a_localized_cnn():
     net = lp.localize(model, rule="critic", num_classes=10, example_input=split.x_train[:2],
                       optimizer=functools.partial(torch.optim.SGD, lr=0.02, momentum=0.9))
     assert isinstance(net.nodes[0].head[2], nn.Conv2d)
-    # its convolution runs on a 4x4 map, not at the node's 8x8 (a quarter of the FLOPs), then
+    # its convolution runs on an 8x8 map: the node's own resolution here, so the full cost, then
     # Linear(4 * 8, 10): multiply-adds count 2
-    assert net.flops().heads[0] == 2 * (8 * 8 * 9 * 4 * 4) + 2 * (32 * 10)
+    assert net.flops().heads[0] == 2 * (8 * 8 * 9 * 8 * 8) + 2 * (32 * 10)
     assert fit(net, split, epochs=3, progress=False).final_accuracy > 0.9
 
 
