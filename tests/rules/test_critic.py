@@ -1,6 +1,7 @@
 """Critic: cascaded critics close their gap to the next loss, critics are trained only by
 their own loss, and the inference extras (progressive, ensemble, sub-models) that any
 rule with per-node heads gets."""
+import copy
 import functools
 
 import pytest
@@ -8,6 +9,7 @@ import torch
 from torch import nn
 
 import localprop as lp
+from localprop.rules import critic as critic_module
 from localprop.training import fit
 from tests.conftest import SGD, mlp_nodes
 from tests.rules.conftest import DIGITS, digits_mlp
@@ -57,11 +59,23 @@ def test_conv_critics_train_a_localized_cnn():
                           nn.Flatten(), nn.Linear(16 * 64, 10))
     net = lp.localize(model, rule="critic", num_classes=10, example_input=split.x_train[:2],
                       optimizer=functools.partial(torch.optim.SGD, lr=0.02, momentum=0.9))
-    assert isinstance(net.nodes[0].head[2], nn.Conv2d)
-    # its convolution runs on an 8x8 map: the node's own resolution here, so the full cost, then
-    # Linear(4 * 8, 10): multiply-adds count 2
-    assert net.flops().heads[0] == 2 * (8 * 8 * 9 * 8 * 8) + 2 * (32 * 10)
+    assert isinstance(net.nodes[0].head[1], nn.Conv2d)
     assert fit(net, split, epochs=3, progress=False).final_accuracy > 0.9
+
+
+def test_a_pooled_critic_convolves_a_smaller_map():
+    """default_critic(pooled=4): the convolution on a 4x4 map instead of the node's 8x8, a
+    quarter of its FLOPs (then Linear(4 * 8, 10); multiply-adds count 2)."""
+    split = lp.data.digits(image=True)
+    model = nn.Sequential(nn.Conv2d(1, 8, 3, padding=1), nn.ReLU(), nn.Conv2d(8, 16, 3, padding=1), nn.ReLU(),
+                          nn.Flatten(), nn.Linear(16 * 64, 10))
+    flops = {}
+    for pooled in (None, 4):
+        rule = lp.rules.Critic(critic=functools.partial(critic_module.default_critic, pooled=pooled))
+        net = lp.localize(copy.deepcopy(model), rule=rule, num_classes=10, example_input=split.x_train[:2])
+        flops[pooled] = net.flops().heads[0]
+    assert flops[4] == 2 * (8 * 8 * 9 * 4 * 4) + 2 * (32 * 10)
+    assert flops[None] == 2 * (8 * 8 * 9 * 8 * 8) + 2 * (32 * 10)
 
 
 def test_progressive_inference_saves_flops_at_nearly_full_accuracy(trained):
