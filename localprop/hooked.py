@@ -11,7 +11,8 @@ node's autograd graph is alive at a time, as in every local rule's loop.
 
 What a node is: the model's computation between two split points. Its parameters are
 found on a dry run, as those the node's output (or the model's output, for the last
-node) reaches through the autograd graph: a parameter used by several nodes (tied
+node) reaches through the autograd graph by operations made since the node began (told
+apart by autograd's sequence numbers): a parameter used by several nodes (tied
 embeddings) is stepped by the last of them, after every one of them has added its
 gradient. A node's backward is restricted to those parameters (and its head's), so no
 gradient crosses a split point, even through a value that skips one (a residual stream
@@ -46,7 +47,9 @@ WHY_NOT = {
     "critic": "critic trains each node from the next node's per-sample losses, sent back across the split",
     "bll": "bll sends a top-down message from the later nodes before every step",
     "locprop": "locprop runs nodes out of order, which the model's own forward cannot",
-    "bp+checkpoint": "checkpointing needs the model's forward cut into pieces",
+    "bp+checkpoint": "checkpointing by segments needs the model's forward cut into pieces (the model's own "
+                     "activation checkpointing, e.g. HuggingFace's activation_checkpointing_enable(), works with "
+                     "rule bp)",
 }
 
 
