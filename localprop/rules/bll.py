@@ -12,11 +12,14 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..errors import check_callable, check_float
+from ..errors import check_callable, check_choice, check_float
 from ..objectives import show_shape
 from .base import LocalRule, Messages, NodeStep
 
 OptimizerFactory = Callable[[Iterable[nn.Parameter]], torch.optim.Optimizer]
+
+#: how a node's output becomes the features aligned with the prototypes (see pool)
+FEATURES = ("pooled", "centred")
 
 #: the feedback network's optimizer when none is given
 DEFAULT_FEEDBACK_OPTIMIZER: OptimizerFactory = functools.partial(torch.optim.Adam, lr=1e-2)
@@ -30,7 +33,10 @@ class BLL(LocalRule):
 
         α_k = normalize(pool(h_k))                     [B, D_k], unit rows; pool = identity for
                                                        [C] features, adaptive average pooling
-                                                       to 2 (2x2) positions for maps
+                                                       to 2 (2x2) positions for maps (features=
+                                                       "pooled"), or the released code's global
+                                                       max-pool to [B, C] minus each sample's
+                                                       mean over channels ("centred")
         β_K = onehot(y),  β_k = b_k(β_{k+1})           b_k: Linear(D_{k+1}, D_k), no bias
         L_k = −mean_b cos(α_k(b), sg β_k(b)) + lam_dec · mean_{b≠b'} (α_k αᵀ_k)²_{bb'}
               + lam_cls · CE(p_k(h_k), y)              p_k: the node's linear head
@@ -52,6 +58,8 @@ class BLL(LocalRule):
             the features of a localized CNN shrink towards 0, as alignment and decorrelation
             are blind to scale, and the next node starves; 82% vs 94% on digits after 3-5 epochs).
         feedback_optimizer: factory ``params -> Optimizer`` for each b_k (default Adam lr 1e-2).
+        features: how a node's map becomes α_k: "pooled" (default) or "centred" (see above;
+            the same for [C] features but for the centring).
 
     State: ``net.rule_state.feedback`` (the b_k, an nn.ModuleList) and
     ``net.rule_state.optimizers``. StepResult.extra["feedback_loss"]: node name -> its b_k's loss.
@@ -63,7 +71,8 @@ class BLL(LocalRule):
     figures = ("feedback_loss",)
 
     def __init__(self, lam_dec: float = 1.0, lam_cls: float = 1.0,
-                 feedback_optimizer: OptimizerFactory | None = None) -> None:
+                 feedback_optimizer: OptimizerFactory | None = None, features: str = "pooled") -> None:
+        self.features = check_choice("BLL", "features", features, FEATURES)
         self.lam_dec = check_float("BLL", "lam_dec", lam_dec, 0)
         self.lam_cls = check_float("BLL", "lam_cls", lam_cls, 0)
         self.feedback_optimizer = check_callable("BLL", "feedback_optimizer", feedback_optimizer,
@@ -74,7 +83,7 @@ class BLL(LocalRule):
             raise ValueError(f"rule 'bll' aligns each sample's features with the prototype of its class: it needs "
                              f"class labels per sample (loss 'cross_entropy', output [B, C]), not loss "
                              f"{net.objective.name!r} on outputs [B, {show_shape(net.output_spec)}]")
-        dims = [feature_dim(node.output_shape) for node in net.nodes[:-1]] + [net.num_classes]
+        dims = [feature_dim(node.output_shape, self.features) for node in net.nodes[:-1]] + [net.num_classes]
         like = next(net.nodes[0].parameters())
         feedback = nn.ModuleList(nn.Linear(dims[k + 1], dims[k], bias=False, device=like.device, dtype=like.dtype)
                                  for k in range(len(dims) - 1))
@@ -146,7 +155,7 @@ class BLL(LocalRule):
                   beta: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """(L_k, α_k detached) from h_k [B, C, ...], the head's logits [B, classes] (or None
         when lam_cls = 0) and β_k [B, D]."""
-        alpha = F.normalize(pool(h), dim=1)
+        alpha = F.normalize(pool(h, self.features), dim=1)
         loss = -F.cosine_similarity(alpha, beta, dim=1).mean()
         if self.lam_dec and len(y) > 1:
             gram = alpha @ alpha.t()
@@ -157,13 +166,18 @@ class BLL(LocalRule):
         return loss, alpha.detach()
 
     def __repr__(self) -> str:
-        return f"BLL(lam_dec={self.lam_dec}, lam_cls={self.lam_cls})"
+        return f"BLL(lam_dec={self.lam_dec}, lam_cls={self.lam_cls}, features={self.features!r})"
 
 
-def pool(h: torch.Tensor) -> torch.Tensor:
-    """[B, D] features: [B, C] as they are; [B, C, L] and [B, C, H, W] average-pooled to
-    2 (2x2) positions and flattened (D = 2C, 4C), as the default heads read maps, so that
-    a few channels still give room for 10 class directions; other shapes flattened."""
+def pool(h: torch.Tensor, features: str = "pooled") -> torch.Tensor:
+    """[B, D] features of h. "pooled": [B, C] as they are; [B, C, L] and [B, C, H, W]
+    average-pooled to 2 (2x2) positions and flattened (D = 2C, 4C), as the default heads
+    read maps, so that a few channels still give room for 10 class directions; other
+    shapes flattened. "centred" (the released code's): maps max-pooled over all positions
+    to [B, C], then each sample's mean over the channels subtracted."""
+    if features == "centred":
+        flat = h.flatten(2).amax(2) if h.dim() > 2 else h
+        return flat - flat.mean(1, keepdim=True)
     if h.dim() == 3:
         return F.adaptive_avg_pool1d(h, 2).flatten(1)
     if h.dim() == 4:
@@ -171,9 +185,9 @@ def pool(h: torch.Tensor) -> torch.Tensor:
     return h.flatten(1)
 
 
-def feature_dim(shape: tuple[int, ...]) -> int:
+def feature_dim(shape: tuple[int, ...], features: str = "pooled") -> int:
     """D of :func:`pool` for per-sample ``shape``."""
-    return pool(torch.zeros(1, *shape, device="meta")).shape[1]
+    return pool(torch.zeros(1, *shape, device="meta"), features).shape[1]
 
 
 def _train_feedback(pred: torch.Tensor, optimizer, alpha: torch.Tensor) -> torch.Tensor:

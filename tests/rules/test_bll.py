@@ -57,3 +57,12 @@ def test_bll_trains_a_localized_cnn():
                       optimizer=functools.partial(torch.optim.SGD, lr=0.02, momentum=0.9))
     assert [b.weight.shape[0] for b in net.rule_state.feedback] == [8 * 4, 16 * 64]  # maps, flattened
     assert fit(net, split, epochs=4, progress=False).final_accuracy > 0.9
+
+
+def test_centred_features_are_the_released_codes():
+    """features="centred": the global max over positions, minus each sample's mean over channels."""
+    h = torch.randn(3, 5, 4, 4, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    peak = h.amax((2, 3))
+    torch.testing.assert_close(pool(h, "centred"), peak - peak.mean(1, keepdim=True), rtol=0, atol=0)
+    assert lp.rules.bll.feature_dim((5, 4, 4), "centred") == 5 and lp.rules.bll.feature_dim((5, 4, 4)) == 20
+    torch.testing.assert_close(pool(h[:, :, 0, 0], "centred").sum(1), torch.zeros(3, dtype=torch.float64))
