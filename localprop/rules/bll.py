@@ -19,7 +19,7 @@ from .base import LocalRule, Messages, NodeStep
 OptimizerFactory = Callable[[Iterable[nn.Parameter]], torch.optim.Optimizer]
 
 #: how a node's output becomes the features aligned with the prototypes (see pool)
-FEATURES = ("pooled", "centred")
+FEATURES = ("auto", "centred", "pooled")
 
 #: the feedback network's optimizer when none is given
 DEFAULT_FEEDBACK_OPTIMIZER: OptimizerFactory = functools.partial(torch.optim.Adam, lr=1e-2)
@@ -36,7 +36,8 @@ class BLL(LocalRule):
                                                        to 2 (2x2) positions for maps (features=
                                                        "pooled"), or the released code's global
                                                        max-pool to [B, C] minus each sample's
-                                                       mean over channels ("centred")
+                                                       mean over channels ("centred", the
+                                                       default for maps)
         β_K = onehot(y),  β_k = b_k(β_{k+1})           b_k: Linear(D_{k+1}, D_k), no bias
         L_k = −mean_b cos(α_k(b), sg β_k(b)) + lam_dec · mean_{b≠b'} (α_k αᵀ_k)²_{bb'}
               + lam_cls · CE(p_k(h_k), y)              p_k: the node's linear head
@@ -58,8 +59,12 @@ class BLL(LocalRule):
             the features of a localized CNN shrink towards 0, as alignment and decorrelation
             are blind to scale, and the next node starves; 82% vs 94% on digits after 3-5 epochs).
         feedback_optimizer: factory ``params -> Optimizer`` for each b_k (default Adam lr 1e-2).
-        features: how a node's map becomes α_k: "pooled" (default) or "centred" (see above;
-            the same for [C] features but for the centring).
+        features: how a node's output becomes α_k: "centred" or "pooled" (see above), or
+            "auto" (default): "centred" for maps, [C] features as they are. Measured by
+            bench/rules/converge.py on MNIST-1D (3 seeds, lr swept): the 1-D CNN at 4 / 8 nodes
+            reaches 93.1 / 94.6% with "centred" against 90.4 / 86.7% with "pooled" (bp: 92.7 /
+            95.5); on the MLP, centring [C] features lost 1.0 / 1.5 points (61.8 / 60.7%
+            against 62.8 / 62.2%), hence "auto".
 
     State: ``net.rule_state.feedback`` (the b_k, an nn.ModuleList) and
     ``net.rule_state.optimizers``. StepResult.extra["feedback_loss"]: node name -> its b_k's loss.
@@ -71,7 +76,7 @@ class BLL(LocalRule):
     figures = ("feedback_loss",)
 
     def __init__(self, lam_dec: float = 1.0, lam_cls: float = 1.0,
-                 feedback_optimizer: OptimizerFactory | None = None, features: str = "pooled") -> None:
+                 feedback_optimizer: OptimizerFactory | None = None, features: str = "auto") -> None:
         self.features = check_choice("BLL", "features", features, FEATURES)
         self.lam_dec = check_float("BLL", "lam_dec", lam_dec, 0)
         self.lam_cls = check_float("BLL", "lam_cls", lam_cls, 0)
@@ -169,12 +174,15 @@ class BLL(LocalRule):
         return f"BLL(lam_dec={self.lam_dec}, lam_cls={self.lam_cls}, features={self.features!r})"
 
 
-def pool(h: torch.Tensor, features: str = "pooled") -> torch.Tensor:
+def pool(h: torch.Tensor, features: str = "auto") -> torch.Tensor:
     """[B, D] features of h. "pooled": [B, C] as they are; [B, C, L] and [B, C, H, W]
     average-pooled to 2 (2x2) positions and flattened (D = 2C, 4C), as the default heads
     read maps, so that a few channels still give room for 10 class directions; other
     shapes flattened. "centred" (the released code's): maps max-pooled over all positions
-    to [B, C], then each sample's mean over the channels subtracted."""
+    to [B, C], then each sample's mean over the channels subtracted. "auto": "centred"
+    for maps, [B, C] as they are."""
+    if features == "auto":
+        features = "centred" if h.dim() > 2 else "pooled"
     if features == "centred":
         flat = h.flatten(2).amax(2) if h.dim() > 2 else h
         return flat - flat.mean(1, keepdim=True)
@@ -185,7 +193,7 @@ def pool(h: torch.Tensor, features: str = "pooled") -> torch.Tensor:
     return h.flatten(1)
 
 
-def feature_dim(shape: tuple[int, ...], features: str = "pooled") -> int:
+def feature_dim(shape: tuple[int, ...], features: str = "auto") -> int:
     """D of :func:`pool` for per-sample ``shape``."""
     return pool(torch.zeros(1, *shape, device="meta"), features).shape[1]
 
