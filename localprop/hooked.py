@@ -105,6 +105,7 @@ class HookedNetwork(Network):
         self._reached: list[list[str]] = []   # per node: names of the parameters its loss trains
         self._owned: list[list[str]] = []     # per node: the parameters its optimizer steps
         self._optimizers: list[torch.optim.Optimizer | None] = []
+        self._wrt: list[list[nn.Parameter]] | None = None  # see _backward_inputs
 
     @property
     def node_names(self) -> list[str]:
@@ -200,6 +201,23 @@ class HookedNetwork(Network):
             reached.append(_parameters_reached(out, names, since[-1]))
         return shapes, reached
 
+    def _backward_inputs(self) -> list[list[nn.Parameter]]:
+        """Per node, the parameters its loss's backward accumulates into: those it reaches,
+        then its head's. Resolved from the names once, not at every step (again after a
+        move that may replace Parameters, see _apply)."""
+        if self._wrt is None:
+            params = dict(self.model.named_parameters())
+            self._wrt = [[params[n] for n in names] + (list(self.heads[k].parameters()) if k < len(self.heads) else [])
+                         for k, names in enumerate(self._reached)]
+        return self._wrt
+
+    def _apply(self, fn, recurse: bool = True) -> HookedNetwork:
+        self._wrt = None  # .to() may put new Parameters in the model
+        return super()._apply(fn, recurse)
+
+    def _check_backend_dtypes(self) -> None:
+        """No fused ops run here: every dtype autograd runs is fine."""
+
     def _node_parameters(self, k: int) -> list[nn.Parameter]:
         """The parameters node k's optimizer steps: those it owns, then its head's."""
         params = dict(self.model.named_parameters())
@@ -265,10 +283,7 @@ class HookedNetwork(Network):
         one step of its optimizer (clipped first with max_grad_norm), gradients freed."""
         if self.check_finite:
             check_finite(loss, str(k), step, "loss")
-        params = dict(self.model.named_parameters())
-        wrt = [params[n] for n in self._reached[k]]
-        if k < len(self.heads):
-            wrt += list(self.heads[k].parameters())
+        wrt = self._backward_inputs()[k]
         if wrt:
             torch.autograd.backward(loss, inputs=wrt)
         optimizer = self._optimizers[k]

@@ -412,3 +412,19 @@ def test_describe_with_a_batch_shows_each_nodes_step_peak():
     assert all(p is not None and p > 0 for p in peaks)
     assert max(peaks) == measured.peak_bytes and peaks[0] == max(peaks)  # the full-resolution node
     assert net.steps == 0 and all(torch.equal(a, b) for a, b in zip(before, net.parameters()))
+
+
+def test_moved_to_another_dtype_it_trains_on():
+    """net.double() after training: every node's backward and optimizer reach the moved
+    parameters (each changes in the next step), their optimizer state moved with them."""
+    x, y = tokens()
+    torch.manual_seed(0)
+    net = lp.localize(small_gpt().float(), nodes=3, hooks=True, optimizer=SGD)
+    net.train_step(x, y)
+    net.double()
+    before = params(net.model)
+    r = net.train_step(x, y)
+    assert all(torch.isfinite(torch.tensor(v)) for v in r.losses.values())
+    assert all(p.dtype == torch.float64 and not torch.equal(p, q) for p, q in zip(net.model.parameters(), before))
+    states = [v for o in net.optimizers() for st in o.state.values() for v in st.values() if torch.is_tensor(v)]
+    assert states and all(v.dtype == torch.float64 for v in states if v.is_floating_point())
