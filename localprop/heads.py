@@ -18,6 +18,8 @@ HeadFactory = Callable[[int, tuple, int], nn.Module]
 #: the rank of a per-token head's projection when the output is larger (a vocabulary):
 #: D -> RANK -> V costs RANK (D + V) parameters instead of D V
 RANK = 64
+#: the side a feature map is average-pooled to (at most) before a default head's convolution
+POOLED = 4
 
 
 def default_head(shape: tuple[int, ...], size: int, per_position: bool = False, tokens: bool = False) -> nn.Module:
@@ -26,8 +28,10 @@ def default_head(shape: tuple[int, ...], size: int, per_position: bool = False, 
 
     - per position, [T, D] -> :class:`TokenHead` on each position;
     - token features [T, D] (``tokens``), per sample -> mean over T, :class:`TokenHead`;
-    - [C] -> Linear(C, size); [C, H, W] -> AdaptiveAvgPool2d(2), flatten, Linear(4C);
-      [C, L] -> AdaptiveAvgPool1d(2), flatten, Linear(2C); other shapes -> flatten, Linear.
+    - [C] -> Linear(C, size);
+    - maps [C, L] and [C, H, W] -> :func:`map_head`, a small convolutional head on the
+      map average-pooled to at most POOLED per side;
+    - other shapes -> flatten, Linear.
     """
     if per_position or (tokens and len(shape) == 2):
         if len(shape) != 2:
@@ -37,11 +41,26 @@ def default_head(shape: tuple[int, ...], size: int, per_position: bool = False, 
         return head if per_position else nn.Sequential(MeanOverPositions(), head)
     if len(shape) == 1:
         return nn.Linear(shape[0], size)
-    if len(shape) == 3:
-        return nn.Sequential(nn.AdaptiveAvgPool2d(2), nn.Flatten(), nn.Linear(4 * shape[0], size))
-    if len(shape) == 2:
-        return nn.Sequential(nn.AdaptiveAvgPool1d(2), nn.Flatten(), nn.Linear(2 * shape[0], size))
+    if len(shape) in (2, 3):
+        return map_head(shape, size)
     return nn.Sequential(nn.Flatten(), nn.Linear(math.prod(shape), size))
+
+
+def map_head(shape: tuple[int, ...], size: int) -> nn.Module:
+    """The head of a feature map of per-sample ``shape`` [C, L] or [C, H, W]: average-pool
+    to at most POOLED per side, Conv(C, C, 3, padding 1), ReLU, average-pool to 2 per side,
+    flatten, Linear(2C or 4C, size).
+
+    Why a convolution (DGL's auxiliary networks have them too): on MNIST-1D's 8-node 1-D
+    CNN (greedy, SGD lr 0.03, 4 seeds) a linear head on the map pooled to 2 reached 90.0%
+    test accuracy (pooled to 4: 92.9%), this head 93.7%, a convolution at the map's full
+    resolution 94.3% (bp: 95.5%). Pooling first keeps the head at a few percent of a
+    full-resolution node's FLOPs and activations (for a 32 x 32 map, 1/64 of a conv layer).
+    """
+    channels, sides = shape[0], shape[1:]
+    pool, conv = (nn.AdaptiveAvgPool1d, nn.Conv1d) if len(sides) == 1 else (nn.AdaptiveAvgPool2d, nn.Conv2d)
+    return nn.Sequential(pool(tuple(min(side, POOLED) for side in sides)), conv(channels, channels, 3, padding=1),
+                         nn.ReLU(), pool(2), nn.Flatten(), nn.Linear(channels * 2 ** len(sides), size))
 
 
 class TokenHead(nn.Sequential):
