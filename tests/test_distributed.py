@@ -71,6 +71,7 @@ def assert_same_nodes(single, dist_path, ranks):
     ('{"name": "locprop", "mode": "decoupled"}', 3, "[1, 1, 1]"),  # composite maps of the weights, back
     ('{"name": "locprop", "mode": "decoupled", "propagation": "inverse"}', 2, "[1, 2]"),  # learned inverses
     ("bll", 3, "[1, 1, 1]"),     # prototypes chain back through two boundaries
+    ('{"name": "bll", "feedback": "direct"}', 2, "[2, 1]"),  # prototypes from the labels: no message
     ('{"name": "pgl", "local": "critic", "period": 3}', 3, "[1, 1, 1]"),  # global steps among critic steps
 ])
 def test_sync_pipeline_equals_one_process_bit_for_bit(tmp_path, rule, ranks, partition):

@@ -20,6 +20,8 @@ OptimizerFactory = Callable[[Iterable[nn.Parameter]], torch.optim.Optimizer]
 
 #: how a node's output becomes the features aligned with the prototypes (see pool)
 FEATURES = ("auto", "centred", "pooled")
+#: how the feedback network is wired (see BLL): each b_k fed by b_{k+1}, or by the labels
+FEEDBACKS = ("chain", "direct")
 
 #: the feedback network's optimizer when none is given
 DEFAULT_FEEDBACK_OPTIMIZER: OptimizerFactory = functools.partial(torch.optim.Adam, lr=1e-2)
@@ -39,6 +41,9 @@ class BLL(LocalRule):
                                                        mean over channels ("centred", the
                                                        default for maps)
         β_K = onehot(y),  β_k = b_k(β_{k+1})           b_k: Linear(D_{k+1}, D_k), no bias
+                                                       (feedback="chain", the default), or
+        β_k = b_k(onehot(y))                           b_k: Linear(classes, D_k) (feedback=
+                                                       "direct", the released code's)
         L_k = −mean_b cos(α_k(b), sg β_k(b)) + lam_dec · mean_{b≠b'} (α_k αᵀ_k)²_{bb'}
               + lam_cls · CE(p_k(h_k), y)              p_k: the node's linear head
 
@@ -65,23 +70,31 @@ class BLL(LocalRule):
             reaches 93.1 / 94.6% with "centred" against 90.4 / 86.7% with "pooled" (bp: 92.7 /
             95.5); on the MLP, centring [C] features lost 1.0 / 1.5 points (61.8 / 60.7%
             against 62.8 / 62.2%), hence "auto".
+        feedback: "chain" (default) or "direct" (see above). "direct" needs no top-down
+            message: in a pipeline each rank's prototypes come from its own b_k.
 
     State: ``net.rule_state.feedback`` (the b_k, an nn.ModuleList) and
     ``net.rule_state.optimizers``. StepResult.extra["feedback_loss"]: node name -> its b_k's loss.
     """
 
     name = "bll"
-    messages = Messages(top_down="step")  # the prototypes P [classes, D] at a run's first node
     uses_heads = True
     figures = ("feedback_loss",)
 
     def __init__(self, lam_dec: float = 1.0, lam_cls: float = 1.0,
-                 feedback_optimizer: OptimizerFactory | None = None, features: str = "auto") -> None:
+                 feedback_optimizer: OptimizerFactory | None = None, features: str = "auto",
+                 feedback: str = "chain") -> None:
         self.features = check_choice("BLL", "features", features, FEATURES)
+        self.feedback = check_choice("BLL", "feedback", feedback, FEEDBACKS)
         self.lam_dec = check_float("BLL", "lam_dec", lam_dec, 0)
         self.lam_cls = check_float("BLL", "lam_cls", lam_cls, 0)
         self.feedback_optimizer = check_callable("BLL", "feedback_optimizer", feedback_optimizer,
                                                  "params -> Optimizer") or DEFAULT_FEEDBACK_OPTIMIZER
+
+    @property
+    def messages(self) -> Messages:
+        # chained: the prototypes P [classes, D] at a run's first node travel back every step
+        return Messages(top_down="step") if self.feedback == "chain" else Messages()
 
     def attach(self, net) -> None:
         if not net.objective.classes or len(net.output_spec) != 1:
@@ -90,7 +103,8 @@ class BLL(LocalRule):
                              f"{net.objective.name!r} on outputs [B, {show_shape(net.output_spec)}]")
         dims = [feature_dim(node.output_shape, self.features) for node in net.nodes[:-1]] + [net.num_classes]
         like = next(net.nodes[0].parameters())
-        feedback = nn.ModuleList(nn.Linear(dims[k + 1], dims[k], bias=False, device=like.device, dtype=like.dtype)
+        fed = dims[1:] if self.feedback == "chain" else [net.num_classes] * (len(dims) - 1)
+        feedback = nn.ModuleList(nn.Linear(fed[k], dims[k], bias=False, device=like.device, dtype=like.dtype)
                                  for k in range(len(dims) - 1))
         net.rule_state = nn.ModuleDict({"feedback": feedback})
         net.rule_state.optimizers = [self.feedback_optimizer(b.parameters()) for b in feedback]
@@ -99,7 +113,8 @@ class BLL(LocalRule):
                    nodes: range | None = None) -> tuple[dict[int, torch.Tensor], torch.Tensor]:
         """The class prototypes, from the labels alone: each b_k maps one row per class,
         so a batch's β's are rows of these matrices (β_k = P_k[y]), computed before the
-        forward pass and without gradients.
+        forward pass and without gradients. With feedback="direct" every b_k's input is
+        the one-hot matrix I [classes, classes] and ``top`` is unused.
 
         Args:
             top: P_{e+1} [classes, D_{e+1}], the input of b_e for the last node e of
@@ -116,13 +131,20 @@ class BLL(LocalRule):
         with torch.no_grad():
             for k in reversed(nodes):
                 if k < len(net.nodes) - 1:
-                    inputs[k] = p
-                    p = net.rule_state.feedback[k](p)
+                    inputs[k] = p if self.feedback == "chain" else self._labels(net)
+                    p = net.rule_state.feedback[k](inputs[k])
         return inputs, p
 
     def before_step(self, net, step):
-        """Each node k < K's message: P_{k+1}, from :meth:`prototypes`, before the forward pass."""
-        return self.prototypes(net)[0]
+        """Each node k < K's message: P_{k+1}, from :meth:`prototypes`, before the forward
+        pass (chained feedback; direct feedback needs none)."""
+        return self.prototypes(net)[0] if self.feedback == "chain" else {}
+
+    @staticmethod
+    def _labels(net) -> torch.Tensor:
+        """I [classes, classes]: every class's one-hot code, direct feedback's input."""
+        like = next(net.rule_state.feedback.parameters())
+        return torch.eye(net.num_classes, dtype=like.dtype, device=like.device)
 
     def prepare(self, net, nodes, top):
         return self.prototypes(net, top, nodes)
@@ -136,15 +158,16 @@ class BLL(LocalRule):
     def node_step(self, net, k: int, u: torch.Tensor, y: torch.Tensor, message: torch.Tensor | None,
                   step: int) -> NodeStep:
         """Train node k on input u [B, ...] (detached) against β_k = b_k(P_{k+1})[y], then b_k;
-        message: P_{k+1} [classes, D_{k+1}] from :meth:`prototypes` (None for the last node,
-        which learns from its own cross-entropy). Returns h_k, L_k and b_k's loss as the
-        figure "feedback_loss"."""
+        message: P_{k+1} [classes, D_{k+1}] from :meth:`prototypes` (chained feedback; None
+        for the last node, which learns from its own cross-entropy, and with direct
+        feedback, whose input is I). Returns h_k, L_k and b_k's loss as the figure
+        "feedback_loss"."""
         node = net.nodes[k]
         if k == len(net.nodes) - 1:
             r = node.local_step(u, step, labels=y)
             return NodeStep(r.h, r.loss)
         feedback = net.rule_state.feedback[k]
-        pred = feedback(message)  # P_k [classes, D_k], kept for b_k's own step
+        pred = feedback(message if self.feedback == "chain" else self._labels(net))  # P_k [classes, D_k], for b_k's step
         beta, kept = pred.detach()[y], {}
 
         def objective(h, head):
@@ -171,13 +194,14 @@ class BLL(LocalRule):
         return loss, alpha.detach()
 
     def __repr__(self) -> str:
-        return f"BLL(lam_dec={self.lam_dec}, lam_cls={self.lam_cls}, features={self.features!r})"
+        return (f"BLL(lam_dec={self.lam_dec}, lam_cls={self.lam_cls}, features={self.features!r}, "
+                f"feedback={self.feedback!r})")
 
 
 def pool(h: torch.Tensor, features: str = "auto") -> torch.Tensor:
     """[B, D] features of h. "pooled": [B, C] as they are; [B, C, L] and [B, C, H, W]
-    average-pooled to 2 (2x2) positions and flattened (D = 2C, 4C), as the default heads
-    read maps, so that a few channels still give room for 10 class directions; other
+    average-pooled to 2 (2x2) positions and flattened (D = 2C, 4C), so that a few
+    channels still give room for 10 class directions; other
     shapes flattened. "centred" (the released code's): maps max-pooled over all positions
     to [B, C], then each sample's mean over the channels subtracted. "auto": "centred"
     for maps, [B, C] as they are."""

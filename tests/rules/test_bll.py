@@ -2,6 +2,7 @@
 weights are its own, and the rule trains fused and localized nodes."""
 import functools
 
+import pytest
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -12,11 +13,12 @@ from localprop.training import fit
 from tests.rules.conftest import DIGITS, digits_mlp
 
 
-def test_feedback_aligns_with_the_class_means_of_the_features():
-    """After 4 epochs, β_k(c) = b_k(...b_{K-1}(onehot(c))) points along the mean α_k of
-    class c on the training set: cosine > 0.9 for every node and class (measured >= 0.97),
-    while at initialisation it is near 0."""
-    net = digits_mlp("bll", width=128)
+@pytest.mark.parametrize("feedback", ["chain", "direct"])
+def test_feedback_aligns_with_the_class_means_of_the_features(feedback):
+    """After 4 epochs, β_k(c) = b_k(...b_{K-1}(onehot(c))) (chain) or b_k(onehot(c))
+    (direct) points along the mean α_k of class c on the training set: cosine > 0.9 for
+    every node and class (measured >= 0.97), while at initialisation it is near 0."""
+    net = digits_mlp(lp.rules.BLL(feedback=feedback), width=128)
     cosines = lambda: class_cosines(net)  # noqa: E731
     assert cosines().abs().mean() < 0.5
     fit(net, DIGITS, epochs=4, progress=False)
@@ -45,6 +47,25 @@ def test_feedback_weights_are_separate_and_not_in_node_optimizers():
     assert [tuple(b.weight.shape) for b in net.rule_state.feedback] == [(32, 32), (32, 32), (32, 10)]
     assert all(b.bias is None for b in net.rule_state.feedback)
     assert "rule_state.feedback.0.weight" in net.state_dict()
+
+
+def test_direct_feedback_maps_the_labels_to_every_node():
+    """feedback="direct": each b_k reads the one-hot labels, so no prototype depends on a
+    later node's feedback net, and the rule declares no top-down message."""
+    net = digits_mlp(lp.rules.BLL(feedback="direct"), width=32)
+    assert [tuple(b.weight.shape) for b in net.rule_state.feedback] == [(32, 10), (32, 10), (32, 10)]
+    assert net.rule.messages.top_down is None and lp.rules.BLL().messages.top_down == "step"
+    inputs, _ = net.rule.prototypes(net)
+    assert all(torch.equal(p, torch.eye(10)) for p in inputs.values())
+    before = net.rule_state.feedback[0].weight.clone()
+    with torch.no_grad():
+        net.rule_state.feedback[2].weight.mul_(3)  # a later b: node 0's step must not see it
+    net.train_step(DIGITS.x_train[:64], DIGITS.y_train[:64])
+    reference = digits_mlp(lp.rules.BLL(feedback="direct"), width=32)
+    reference.train_step(DIGITS.x_train[:64], DIGITS.y_train[:64])
+    assert not torch.equal(net.rule_state.feedback[0].weight, before)
+    torch.testing.assert_close(net.rule_state.feedback[0].weight, reference.rule_state.feedback[0].weight,
+                               rtol=0, atol=0)
 
 
 def test_bll_trains_a_localized_cnn():
