@@ -33,7 +33,8 @@ class Prediction:
     exit_node: torch.Tensor  #: int64 [B] index of the node whose head answered (the last: the main output)
     #: FLOPs spent per sample, averaged over the batch, as a fraction of one full forward
     #: pass through every node (heads not counted in the denominator; those evaluated on
-    #: the way are counted in the numerator, so an ensemble costs more than 1)
+    #: the way are counted in the numerator, so an ensemble costs more than 1, and so does
+    #: a threshold below 1 that no sample happens to pass; at threshold 1 no head runs)
     flops_fraction: float = 1.0
     #: [B, C] with ``ensemble=True``: the sum of the heads' and the main output's softmax
     scores: torch.Tensor | None = None
@@ -328,7 +329,9 @@ class LocalSequential(Network):
 
     def _progressive(self, x: torch.Tensor, exit_threshold: float | None) -> Prediction:
         last = len(self.nodes) - 1
-        if exit_threshold is None:  # every sample runs through every node: the full cost
+        # no softmax probability exceeds 1: at threshold 1 no head could let a sample out,
+        # so none runs, and every sample runs through every node: the full cost
+        if exit_threshold is None or exit_threshold >= 1:
             h = self(x, **{k: v for k, v in self.batch_inputs.items() if k in self.input_names})
             return Prediction(h.argmax(-1), torch.full(h.shape[:1], last, dtype=torch.int64, device=x.device))
         flops = self.flops()

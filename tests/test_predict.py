@@ -45,6 +45,18 @@ def test_no_node_runs_once_every_sample_has_exited(backend):
     assert pred.flops_fraction == pytest.approx(head0 / net.flops().full)
 
 
+def test_threshold_one_runs_no_head_and_costs_the_full_forward():
+    """No softmax probability exceeds 1, so at threshold 1 no head could let a sample out:
+    none runs, every sample exits at the last node, at a cost of exactly 1."""
+    net, x = bn_net()
+    heads = [0]
+    for node in net.nodes[:-1]:
+        node.head.register_forward_hook(lambda m, i, o: heads.__setitem__(0, heads[0] + 1))
+    pred = net.predict(x, exit_threshold=1.0)
+    assert heads == [0] and pred.flops_fraction == 1.0 and (pred.exit_node == len(net.nodes) - 1).all()
+    assert torch.equal(pred.labels, net.predict(x).labels)
+
+
 def test_predict_runs_in_eval_mode_and_restores_the_modes():
     net, x = bn_net()
     net.nodes[1].block[1].eval()  # a user's own choice of mode survives predict
