@@ -27,13 +27,15 @@ On one thread of a shared 2-core CPU: 8 nodes (CNN and MLP) 19 minutes, 4 nodes 
 Rows are appended to bench/results/rules_converged.csv after each (model, nodes), so an
 interrupted run keeps what it finished; bench/results/rules_converged.md gets the tables,
 one section per command (a run of other depths adds its own), and
-bench/results/rules_converged/ the curves, <model>_<nodes>.png.
+bench/results/rules_converged/ the curves, <model>_<nodes>.png, drawn from curves.json (every
+rule's latest curve per setting, so a run of a few rules keeps the others in the plot).
 """
 from __future__ import annotations
 
 import argparse
 import functools
 import importlib.util
+import json
 import math
 import statistics
 import sys
@@ -213,6 +215,18 @@ def mean_curve(curves: list[list[float]]) -> list[float]:
     return [statistics.mean(c[min(e, len(c) - 1)] for c in curves) for e in range(n)]
 
 
+def merged_curves(model: str, depth: int, curves: dict[str, list[float]]) -> dict[str, list[float]]:
+    """This run's curves of (model, nodes) merged into those earlier runs left in
+    rules_converged/curves.json (a rule run again replaces its curve), saved back: so a
+    run of a few rules redraws the setting's plot with every rule measured for it."""
+    path = OUT / "curves.json"
+    saved = json.loads(path.read_text()) if path.exists() else {}
+    setting = {**saved.get(f"{model}_{depth}", {}), **curves}
+    saved[f"{model}_{depth}"] = setting
+    path.write_text(json.dumps(saved, indent=1, sort_keys=True))
+    return setting
+
+
 def plot(model_label: str, depth: int, curves: dict[str, list[float]], path: Path) -> None:
     """Validation accuracy per epoch per rule (mean over seeds)."""
     import matplotlib
@@ -302,7 +316,7 @@ def main() -> None:
             print(f"== {model} {depth} nodes done, {time.perf_counter() - start:.0f}s", flush=True)
             if not args.quick:
                 write(rows, new, ctx, command.strip())
-                plot(new[0]["model"], depth, curves, OUT / f"{model}_{depth}.png")
+                plot(new[0]["model"], depth, merged_curves(model, depth, curves), OUT / f"{model}_{depth}.png")
     if args.quick:
         print(markdown(rows))
 
