@@ -71,7 +71,11 @@ class BLL(LocalRule):
             95.5); on the MLP, centring [C] features lost 1.0 / 1.5 points (61.8 / 60.7%
             against 62.8 / 62.2%), hence "auto".
         feedback: "chain" (default) or "direct" (see above). "direct" needs no top-down
-            message: in a pipeline each rank's prototypes come from its own b_k.
+            message: in a pipeline each rank's prototypes come from its own b_k. Measured by
+            bench/rules/converge.py on MNIST-1D (3 seeds, lr swept), test % at CNN 4 / CNN 8
+            / MLP 4 / MLP 8 nodes: chain 92.9 / 93.4 / 62.8 / 62.2, direct 93.5 / 93.1 /
+            61.6 / 62.2 (mean validation accuracy 79.3 against 79.2): a tie, so the default
+            stays the chain.
 
     State: ``net.rule_state.feedback`` (the b_k, an nn.ModuleList) and
     ``net.rule_state.optimizers``. StepResult.extra["feedback_loss"]: node name -> its b_k's loss.
