@@ -45,7 +45,7 @@ class BLL(LocalRule):
         β_k = b_k(onehot(y))                           b_k: Linear(classes, D_k) (feedback=
                                                        "direct", the released code's)
         L_k = −mean_b cos(α_k(b), sg β_k(b)) + lam_dec · mean_{b≠b'} (α_k αᵀ_k)²_{bb'}
-              + lam_cls · CE(p_k(h_k), y)              p_k: the node's linear head
+              + lam_cls · CE(p_k(h_k), y)              p_k: the node's head
 
     The β's depend only on the labels, so they are computed before the forward pass (no
     weight transport: b_k has its own weights). Each b_k learns the class prototypes of
@@ -66,9 +66,9 @@ class BLL(LocalRule):
         feedback_optimizer: factory ``params -> Optimizer`` for each b_k (default Adam lr 1e-2).
         features: how a node's output becomes α_k: "centred" or "pooled" (see above), or
             "auto" (default): "centred" for maps, [C] features as they are. Measured by
-            bench/rules/converge.py on MNIST-1D (3 seeds, lr swept): the 1-D CNN at 4 / 8 nodes
-            reaches 93.1 / 94.6% with "centred" against 90.4 / 86.7% with "pooled" (bp: 92.7 /
-            95.5); on the MLP, centring [C] features lost 1.0 / 1.5 points (61.8 / 60.7%
+            bench/rules/converge.py on MNIST-1D (3 seeds, lr swept; the heads of maps then
+            linear): the 1-D CNN at 4 / 8 nodes reaches 93.1 / 94.6% with "centred" against
+            90.4 / 86.7% with "pooled" (bp: 92.7 / 95.5); on the MLP, centring [C] features lost 1.0 / 1.5 points (61.8 / 60.7%
             against 62.8 / 62.2%), hence "auto".
         feedback: "chain" (default) or "direct" (see above). "direct" needs no top-down
             message: in a pipeline each rank's prototypes come from its own b_k. Measured by
@@ -171,7 +171,8 @@ class BLL(LocalRule):
             r = node.local_step(u, step, labels=y)
             return NodeStep(r.h, r.loss)
         feedback = net.rule_state.feedback[k]
-        pred = feedback(message if self.feedback == "chain" else self._labels(net))  # P_k [classes, D_k], for b_k's step
+        # P_k [classes, D_k], kept for b_k's own step
+        pred = feedback(message if self.feedback == "chain" else self._labels(net))
         beta, kept = pred.detach()[y], {}
 
         def objective(h, head):
@@ -204,9 +205,8 @@ class BLL(LocalRule):
 
 def pool(h: torch.Tensor, features: str = "auto") -> torch.Tensor:
     """[B, D] features of h. "pooled": [B, C] as they are; [B, C, L] and [B, C, H, W]
-    average-pooled to 2 (2x2) positions and flattened (D = 2C, 4C), so that a few
-    channels still give room for 10 class directions; other
-    shapes flattened. "centred" (the released code's): maps max-pooled over all positions
+    average-pooled to 2 (2x2) positions and flattened (D = 2C, 4C), so that a few channels
+    still give room for 10 class directions; other shapes flattened. "centred" (the released code's): maps max-pooled over all positions
     to [B, C], then each sample's mean over the channels subtracted. "auto": "centred"
     for maps, [B, C] as they are."""
     if features == "auto":

@@ -41,7 +41,7 @@ class PGL(Rule):
             ``net.rule_state.global_optimizers`` and saved by state_dict(); an lr scheduler
             on ``node.optimizer`` does not reach them. "own" trains in one process only.
             Measured on MNIST-1D's 8-node 1-D CNN (bench/rules/converge.py, 3 seeds), "own"
-            was lower, 92.5 ± 1.4% against 94.3 ± 1.6% (with the former linear heads of
+            was lower, 92.5 ± 1.2% against 94.3 ± 1.3% (with the former linear heads of
             maps, where pgl was unstable across seeds, 68.7 ± 15.4 against 76.1 ± 18.6):
             hence the default.
 
