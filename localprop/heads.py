@@ -20,6 +20,9 @@ HeadFactory = Callable[[int, tuple, int], nn.Module]
 RANK = 64
 #: the side a feature map is average-pooled to (at most) before a default head's convolution
 POOLED = 4
+#: the most channels that convolution outputs: a head on a 512-channel map then costs a
+#: quarter of one 3 x 3 convolution of its block (C -> C would cost a whole one)
+WIDTH = 128
 
 
 def default_head(shape: tuple[int, ...], size: int, per_position: bool = False, tokens: bool = False) -> nn.Module:
@@ -48,8 +51,8 @@ def default_head(shape: tuple[int, ...], size: int, per_position: bool = False, 
 
 def map_head(shape: tuple[int, ...], size: int) -> nn.Module:
     """The head of a feature map of per-sample ``shape`` [C, L] or [C, H, W]: average-pool
-    to at most POOLED per side, Conv(C, C, 3, padding 1), ReLU, average-pool to 2 per side,
-    flatten, Linear(2C or 4C, size).
+    to at most POOLED per side, Conv(C, W, 3, padding 1) with W = min(C, WIDTH), ReLU,
+    average-pool to 2 per side, flatten, Linear(2W or 4W, size).
 
     Why a convolution (DGL's auxiliary networks have them too): on MNIST-1D's 8-node 1-D
     CNN (greedy, SGD lr 0.03, 4 seeds) a linear head on the map pooled to 2 reached 90.0%
@@ -62,9 +65,10 @@ def map_head(shape: tuple[int, ...], size: int) -> nn.Module:
     and activations (for a 32 x 32 map, 1/64 of a conv layer).
     """
     channels, sides = shape[0], shape[1:]
+    width = min(channels, WIDTH)
     pool, conv = (nn.AdaptiveAvgPool1d, nn.Conv1d) if len(sides) == 1 else (nn.AdaptiveAvgPool2d, nn.Conv2d)
-    return nn.Sequential(pool(tuple(min(side, POOLED) for side in sides)), conv(channels, channels, 3, padding=1),
-                         nn.ReLU(), pool(2), nn.Flatten(), nn.Linear(channels * 2 ** len(sides), size))
+    return nn.Sequential(pool(tuple(min(side, POOLED) for side in sides)), conv(channels, width, 3, padding=1),
+                         nn.ReLU(), pool(2), nn.Flatten(), nn.Linear(width * 2 ** len(sides), size))
 
 
 class TokenHead(nn.Sequential):

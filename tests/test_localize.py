@@ -62,6 +62,18 @@ def test_localize_cnn_builds_pooled_heads_from_dry_run():
     assert losses[-1] < losses[0]
 
 
+@pytest.mark.parametrize("shape, width", [((16, 40), 16), ((16, 3), 16), ((8, 32, 32), 8), ((300, 5, 7), 128)])
+def test_default_head_of_a_map_is_a_pooled_convolution(shape, width):
+    """Maps get a 3-wide convolution on the map pooled to at most 4 per side, at most
+    WIDTH channels wide, then a linear layer on its 2 (2 x 2) pooled positions."""
+    head = lp.heads.default_head(shape, 10)
+    conv = next(m for m in head if isinstance(m, (nn.Conv1d, nn.Conv2d)))
+    assert (conv.in_channels, conv.out_channels, conv.kernel_size[0]) == (shape[0], width, 3)
+    assert head[0].output_size == tuple(min(side, lp.heads.POOLED) for side in shape[1:])
+    assert head[-1].in_features == width * 2 ** (len(shape) - 1)
+    assert head(torch.randn(3, *shape)).shape == (3, 10)
+
+
 def test_localize_builds_on_first_batch_without_example():
     net = lp.localize(cnn(), num_classes=5)
     assert not net.built
