@@ -188,6 +188,13 @@ class Network(nn.Module, abc.ABC):
             if saved != _class_name(opt):
                 raise ValueError(f"{owner}: the checkpoint was written with optimizer {saved}, "
                                  f"this network uses {_class_name(opt)}")
+        # before torch's own check, which names neither the node nor the cause
+        for owner, saved, opt in zip(self._optimizer_owners(), state["optimizers"], mine):
+            counts = [len(g["params"]) for g in saved["param_groups"]], [len(g["params"]) for g in opt.param_groups]
+            if counts[0] != counts[1]:
+                raise ValueError(f"{owner}: the checkpoint's optimizer steps {counts[0]} parameters (per group), "
+                                 f"this network's {counts[1]}: the node or its head is built otherwise here "
+                                 f"(a head of another kind? build it as it was saved, e.g. with heads=)")
 
     def _optimizer_owners(self) -> list[str]:
         """Who each optimizer of :meth:`optimizers` steps, for errors."""

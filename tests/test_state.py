@@ -145,3 +145,24 @@ def test_load_errors(tmp_path):
     torch.save({"weights": 1}, tmp_path / "other.pt")
     with pytest.raises(ValueError, match="is not a localprop checkpoint"):
         checkpoint.load(tmp_path / "other.pt", net)
+
+
+def test_a_head_built_otherwise_is_refused_naming_its_node():
+    """A state saved with other heads (e.g. a linear head of a map, the former default)
+    is refused before anything loads, naming the node and the parameter counts."""
+    x = torch.randn(2, 1, 8, 8)
+
+    def cnn(**kwargs):
+        torch.manual_seed(0)
+        model = nn.Sequential(nn.Conv2d(1, 4, 3, padding=1), nn.ReLU(), nn.Conv2d(4, 4, 3, padding=1), nn.ReLU(),
+                              nn.Flatten(), nn.Linear(4 * 64, 3))
+        return lp.localize(model, num_classes=3, example_input=x, **kwargs)
+
+    linear = lambda k, shape, size: nn.Sequential(nn.AdaptiveAvgPool2d(2), nn.Flatten(),  # noqa: E731
+                                                  nn.Linear(4 * shape[0], size))
+    saved, net = cnn(heads=linear).state_dict(), cnn()
+    before = {k: v.clone() for k, v in net.state_dict().items() if isinstance(v, torch.Tensor)}
+    with pytest.raises(ValueError, match=r"node '0': the checkpoint's optimizer steps \[4\] parameters .* \[6\]"):
+        net.load_state_dict(saved)
+    assert all(torch.equal(v, net.state_dict()[k]) for k, v in before.items())
+    cnn(heads=linear).load_state_dict(saved)  # built as it was saved, it loads
