@@ -19,7 +19,8 @@ seeds), that validation accuracy, epochs trained, chosen lr; a learning-curve PN
     python bench/rules/converge.py --depths 8      # 8 nodes only
 
 On one thread of a shared 2-core CPU: 8 nodes (CNN and MLP) 19 minutes, 4 nodes 11, the
-16-node MLP 11; the 16-node CNN, about twice the 8-node one's 13.5, was not run.
+16-node MLP 11; the 16-node CNN 42 (its rules split over two processes side by side: 22
+and 20 minutes).
     python bench/rules/converge.py --quick         # smoke run, nothing written
     python bench/rules/converge.py --depths 4 8 --rules sgr:lam=0.1 sgr:distance=relative,lam=1
                                                    # a rule at other settings (here sgr's sweep)
