@@ -55,7 +55,8 @@ def map_head(shape: tuple[int, ...], size: int) -> nn.Module:
     average-pool to 2 per side, flatten, Linear(2W or 4W, size).
 
     Why a convolution (DGL's auxiliary networks have them too): on MNIST-1D's 8-node 1-D
-    CNN (greedy, SGD lr 0.03, 4 seeds) a linear head on the map pooled to 2 reached 90.0%
+    CNN (greedy, SGD lr 0.03, seeds 0-3, bench/rules/converge.py's training loop with each
+    candidate given as heads=) a linear head on the map pooled to 2 reached 90.0%
     test accuracy (pooled to 4: 92.9%), this head 93.7%, a convolution at the map's full
     resolution 94.3% (bp: 95.5%). In the converged benchmark (bench/rules/converge.py, lr
     chosen on validation, 3 seeds) it moved greedy from 90.7 to 92.4% at 8 nodes but from
