@@ -6,8 +6,9 @@ validation curve is flat, test accuracy read at the epoch chosen on validation.
 - the 1-D CNN and the MLP of bench/rules/run.py (imported, not copied), at 8, 4 and 16 nodes;
 - every rule at its registry defaults, SGD momentum 0.9, batch 128; pgl also with
   ``global_state="own"`` ("pgl-own") on the 8-node CNN;
-- per (model, nodes, rule): an lr sweep on seed 0 (best validation accuracy wins), then the
-  chosen lr on the other seeds (seed 0's sweep run is reused);
+- per (model, nodes, rule): an lr sweep on the first ``--sweep-seeds`` seeds (default 1: seed
+  0; the best validation accuracy, mean over those seeds, wins), then the chosen lr on the
+  other seeds (the sweep's runs at that lr are reused);
 - a plateau is ``--patience`` epochs without the best validation accuracy rising by >=
   ``--min-delta`` points; at each of the first ``--drops`` plateaus every optimizer's lr
   (the nodes', heads' and the rule's own) is divided by 10 and training goes on; the next
@@ -68,7 +69,7 @@ bench = _load_rules_bench()
 RULES = bench.RULES
 OUT = common.RESULTS / "rules_converged"
 CAP = {"cnn": 150, "mlp": 100}
-DROP = 0.1  #: the factor of every lr at a plateau (see train)
+DROP, DROPS = 0.1, 1  #: every lr times DROP at each of the first DROPS plateaus (see train)
 BATCH, CHANNELS, VAL_FRACTION = 128, 16, 0.1
 
 
@@ -192,10 +193,12 @@ def setting(model: str, depth: int, rules: list[str], ctx) -> tuple[list[dict], 
     """Sweep then seeds for every rule of one (model, nodes): (rows, rule -> mean val curve)."""
     rows, curves = [], {}
     for rule in rules:
-        sweep = {lr: one(model, depth, rule, lr, 0, ctx) for lr in ctx["lrs"]}
-        scored = {lr: max(r.val) if r.val and not r.diverged else -1.0 for lr, r in sweep.items()}
+        swept = range(min(ctx["sweep_seeds"], ctx["seeds"]))
+        sweep = {lr: [one(model, depth, rule, lr, s, ctx) for s in swept] for lr in ctx["lrs"]}
+        scored = {lr: -1.0 if any(r.diverged or not r.val for r in rs) else statistics.mean(max(r.val) for r in rs)
+                  for lr, rs in sweep.items()}
         lr = max(scored, key=scored.get)
-        runs = [sweep[lr]] + [one(model, depth, rule, lr, s, ctx) for s in range(1, ctx["seeds"])]
+        runs = sweep[lr] + [one(model, depth, rule, lr, s, ctx) for s in range(len(swept), ctx["seeds"])]
         ok = [r for r in runs if r.val and not r.diverged]
         rows.append(row(model, depth, rule, lr, runs, ok, scored, ctx))
         if ok:
@@ -212,7 +215,8 @@ def row(model, depth, rule, lr, runs, ok, scored, ctx) -> dict:
     return {"date": stamp["date"], "model": f"CNN1d c{CHANNELS}" if model == "cnn" else
             f"MLP w{256 if depth <= 4 else 128}", "depth": depth, "rule": rule, "lr": lr,
             "sweep": ",".join(f"{k:g}:{100 * v:.1f}" if v >= 0 else f"{k:g}:diverged" for k, v in scored.items()),
-            "seeds": len(runs), "batch": BATCH, "cap": CAP[model], "patience": ctx["patience"],
+            "seeds": len(runs), "sweep_seeds": min(ctx["sweep_seeds"], ctx["seeds"]), "batch": BATCH,
+            "cap": CAP[model], "patience": ctx["patience"],
             "drops": ctx["drops"], "acc_mean": statistics.mean(tests), "acc_std": statistics.pstdev(tests),
             "val_mean": statistics.mean(vals), "epochs_mean": statistics.mean(epochs),
             "epochs_max": max(epochs), "best_epoch_mean": statistics.mean([r.best + 1 for r in ok] or [0]),
@@ -274,6 +278,10 @@ def markdown(rows: list[dict]) -> str:
     return "\n".join(pivot) + "\n\n" + "\n".join(lines) + "\n"
 
 
+def _seeds(n: int) -> str:
+    return "seed 0" if n == 1 else f"seeds 0-{n - 1} (mean best validation accuracy)"
+
+
 TITLE = "# Learning rules, trained to convergence (MNIST-1D)\n"
 SECTION = "\n## Run: "
 
@@ -289,7 +297,8 @@ def write(rows: list[dict], new: list[dict], ctx, command: str) -> None:
                f"at the epoch of the best validation accuracy. Stop: no rise of the best validation accuracy "
                f"by >= {ctx['min_delta'] * 100:g} points in {ctx['patience']} epochs, after {ctx['drops']} such plateaus "
                f"with every lr divided by {1 / DROP:g}; cap {CAP}. lr swept over "
-               f"{ctx['lrs']} on seed 0 (chosen on validation), then {ctx['seeds']} seeds. SGD momentum 0.9, "
+               f"{ctx['lrs']} on {_seeds(ctx['sweep_seeds'])} (chosen on validation), then {ctx['seeds']} seeds. "
+               f"SGD momentum 0.9, "
                f"batch {BATCH}; rules at registry defaults; pgl-own: PGL(global_state=\"own\"). Curves: "
                f"rules_converged/.\n\n" + markdown(rows))
     old = path.read_text().split(SECTION)[1:] if path.exists() else []
@@ -305,8 +314,9 @@ def main() -> None:
     p.add_argument("--rules", nargs="+", default=list(RULES))
     p.add_argument("--lrs", type=float, nargs="+", default=[0.01, 0.03, 0.1])
     p.add_argument("--seeds", type=int, default=3)
+    p.add_argument("--sweep-seeds", type=int, default=1, help="seeds each lr of the sweep runs on")
     p.add_argument("--patience", type=int, default=10)
-    p.add_argument("--drops", type=int, default=1, help="plateaus with every lr divided by 10 before the stop")
+    p.add_argument("--drops", type=int, default=DROPS, help="plateaus with every lr divided by 10 before the stop")
     p.add_argument("--min-delta", type=float, default=0.002, help="as a fraction (0.002: 0.2 points)")
     p.add_argument("--quick", action="store_true", help="tiny run; prints, writes nothing")
     p.add_argument("--threads", type=int, default=1, help="torch threads (see run.py)")
@@ -317,7 +327,8 @@ def main() -> None:
         args.lrs, args.seeds, args.patience, args.drops = args.lrs[:1], 1, 1, min(args.drops, 1)
     trval, x_test, y_test = splits()
     ctx = {"trval": trval, "x_test": x_test, "y_test": y_test, "example": trval.x_train[:2], "lrs": args.lrs,
-           "seeds": args.seeds, "patience": args.patience, "drops": args.drops, "min_delta": args.min_delta, "stamp": common.stamp()}
+           "seeds": args.seeds, "sweep_seeds": args.sweep_seeds, "patience": args.patience, "drops": args.drops,
+           "min_delta": args.min_delta, "stamp": common.stamp()}
     command = "python bench/rules/converge.py " + " ".join(sys.argv[1:])
     rows, start = [], time.perf_counter()
     OUT.mkdir(parents=True, exist_ok=True)

@@ -54,7 +54,8 @@ def one(rule: str, depth: int, seed: int, ctx) -> dict:
     """Train one network to convergence, then choose its threshold on validation."""
     torch.manual_seed(seed)
     net = converge.factory("cnn", depth, LR[(rule, depth)], ctx["example"])(rule)
-    run = converge.train(net, ctx["trval"], ctx["x_test"], ctx["y_test"], seed, converge.CAP["cnn"], 10, 0.002)
+    run = converge.train(net, ctx["trval"], ctx["x_test"], ctx["y_test"], seed, converge.CAP["cnn"], 10, 0.002,
+                         converge.DROPS)
     x_val, y_val = ctx["trval"].x_test, ctx["trval"].y_test
     full_val, _ = accuracy_and_flops(net, x_val, y_val, None)
     scored = {t: accuracy_and_flops(net, x_val, y_val, t) for t in THRESHOLDS}
