@@ -139,6 +139,9 @@ class Flat(torch.nn.Module):
     def train_step(self, x, y):
         return self.net.train_step(x.flatten(1), y)
 
+    def optimizers(self):
+        return self.net.optimizers()
+
 
 def train(net, trval: data.Split, x_test, y_test, seed: int, cap: int, patience: int, min_delta: float,
           drops: int) -> Run:
