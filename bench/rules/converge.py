@@ -21,9 +21,10 @@ seeds), that validation accuracy, epochs trained, chosen lr; a learning-curve PN
     python bench/rules/converge.py                 # full grid, 8 then 4 then 16 nodes
     python bench/rules/converge.py --depths 8      # 8 nodes only
 
-On one thread of a shared 2-core CPU: 8 nodes (CNN and MLP) 19 minutes, 4 nodes 11, the
-16-node MLP 11; the 16-node CNN 42 (its rules split over two processes side by side: 22
-and 20 minutes).
+Times with one lr drop, the rules split over two processes side by side on a 2-core CPU
+(``--rules bp greedy sgr sgr:lam=0.1`` and ``--rules critic bll pgl``): the CNN at 8 nodes
+12 minutes, 4 nodes 10, 16 nodes 60 (two more runs shared the cores then); the MLP at all
+three depths 25; ``--sweep-seeds 3`` on the 8-node CNN 60 (four runs on the two cores).
     python bench/rules/converge.py --quick         # smoke run, nothing written
     python bench/rules/converge.py --depths 4 8 --rules sgr:lam=0.1 sgr:distance=relative,lam=1
                                                    # a rule at other settings (here sgr's sweep)
@@ -146,10 +147,10 @@ class Flat(torch.nn.Module):
 def train(net, trval: data.Split, x_test, y_test, seed: int, cap: int, patience: int, min_delta: float,
           drops: int) -> Run:
     """Epochs of fit() (validation after each) until the best validation accuracy has not
-    risen by >= min_delta for ``patience`` epochs, ``drops`` times with every lr divided by
-    10 there (a constant lr leaves the local rules' noisy steps unannealed: on the 8-node CNN
-    greedy gains 2 points from one drop, bp 0.6), or ``cap`` epochs; test accuracy is
-    recorded per epoch only to be read at the epoch validation chooses."""
+    risen by >= min_delta for ``patience`` epochs, ``drops`` times with every lr times DROP
+    there (one drop raised every rule on the 8-node CNN, bp by 0.6 points, the local rules by
+    0.7 to 6.4: a constant lr leaves their noisy steps unannealed), or ``cap`` epochs; test
+    accuracy is recorded per epoch only to be read at the epoch validation chooses."""
     run, mark, since, left = Run(), -math.inf, 0, drops
     for epoch in range(cap):
         try:  # one epoch per call, each with its own shuffle
@@ -319,7 +320,7 @@ def main() -> None:
     p.add_argument("--seeds", type=int, default=3)
     p.add_argument("--sweep-seeds", type=int, default=1, help="seeds each lr of the sweep runs on")
     p.add_argument("--patience", type=int, default=10)
-    p.add_argument("--drops", type=int, default=DROPS, help="plateaus with every lr divided by 10 before the stop")
+    p.add_argument("--drops", type=int, default=DROPS, help=f"plateaus with every lr times {DROP:g} before the stop")
     p.add_argument("--min-delta", type=float, default=0.002, help="as a fraction (0.002: 0.2 points)")
     p.add_argument("--quick", action="store_true", help="tiny run; prints, writes nothing")
     p.add_argument("--threads", type=int, default=1, help="torch threads (see run.py)")
