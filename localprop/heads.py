@@ -62,8 +62,8 @@ def map_head(shape: tuple[int, ...], size: int) -> nn.Module:
     chosen on validation, 3 seeds, a constant lr then) it moved greedy from 90.7 to 92.4%
     at 8 nodes but from 93.0 to 91.2% at 4, and made pgl steady (8 nodes: 76.1 ± 18.6 ->
     94.3 ± 1.3%; 4 nodes: 77.4 -> 92.5%); over greedy, sgr, bll and pgl at 4 and 8 nodes the
-    mean rose from 88.4 to 92.9%. Pooling first keeps the head at a few percent of a full-resolution node's FLOPs
-    and activations (for a 32 x 32 map, 1/64 of a conv layer).
+    mean rose from 88.4 to 92.9%. Pooling first keeps the head at a few percent of a
+    full-resolution node's FLOPs and activations (for a 32 x 32 map, 1/64 of a conv layer).
     """
     channels, sides = shape[0], shape[1:]
     width = min(channels, WIDTH)
