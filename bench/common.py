@@ -51,7 +51,9 @@ SPECS = {
     "real_models": Spec("rule", ("peak_mib", "resident_mib", "step_s", "time_vs_bp", "memory_vs_bp")),
     "rules_converged": Spec("rule", ("acc_mean", "acc_std", "val_mean", "epochs_mean", "epochs_max",
                                      "best_epoch_mean", "diverged", "s_per_epoch")),
-    "progressive": Spec("rule", ("full_acc", "exit_acc", "exit_acc_std", "flops_fraction", "flops_std")),
+    "progressive": Spec("rule", ("full_acc", "exit_acc", "exit_acc_std", "flops_fraction", "flops_std",
+                                 "per_node_exit_acc", "per_node_exit_acc_std", "per_node_flops_fraction",
+                                 "per_node_flops_std")),
     "rules": Spec("rule", ("acc_mean", "acc_std", "exit0.9_acc", "exit0.9_flops", "diverged", "peak_bytes",
                            "s_per_epoch")),
 }

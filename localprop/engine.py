@@ -10,7 +10,7 @@ from __future__ import annotations
 import contextlib
 import copy
 from dataclasses import dataclass
-from typing import Callable
+from typing import Callable, Sequence
 
 import torch
 from torch import nn
@@ -34,7 +34,8 @@ class Prediction:
     #: FLOPs spent per sample, averaged over the batch, as a fraction of one full forward
     #: pass through every node (heads not counted in the denominator; those evaluated on
     #: the way are counted in the numerator, so an ensemble costs more than 1, and so does
-    #: a threshold below 1 that no sample happens to pass; at threshold 1 no head runs)
+    #: a threshold below 1 that no sample happens to pass; at threshold 1, or None in a
+    #: per-node sequence, that node's head does not run)
     flops_fraction: float = 1.0
     #: [B, C] with ``ensemble=True``: the sum of the heads' and the main output's softmax
     scores: torch.Tensor | None = None
@@ -292,12 +293,14 @@ class LocalSequential(Network):
         return x
 
     @torch.no_grad()
-    def predict(self, x: torch.Tensor, exit_threshold: float | None = None, ensemble: bool = False,
-                **inputs) -> Prediction:
+    def predict(self, x: torch.Tensor, exit_threshold: float | Sequence[float | None] | None = None,
+                ensemble: bool = False, **inputs) -> Prediction:
         """Class predictions of the chain, with two options that use the per-node heads:
 
         - ``exit_threshold=t`` (progressive inference): a sample leaves at the first node
-          whose head's max softmax exceeds t; the rest go on to the last node;
+          whose head's max softmax exceeds t; the rest go on to the last node. A sequence
+          gives one threshold per node but the last (``len(nodes) - 1`` entries); ``None``
+          (or 1) there: that node offers no exit and its head does not run, nor is counted;
         - ``ensemble=True``: every sample runs through every node and head, and its
           label is the argmax of the sum of the heads' and the main output's softmax.
 
@@ -310,10 +313,7 @@ class LocalSequential(Network):
             raise ValueError(f"predict: loss {self.objective.name!r} has no classes to predict; use net(x)")
         if exit_threshold is not None and ensemble:
             raise ValueError("predict: give exit_threshold or ensemble=True, not both")
-        if exit_threshold is not None and (isinstance(exit_threshold, bool) or not isinstance(exit_threshold, (int, float))
-                                           or not 0 <= exit_threshold <= 1):
-            raise ValueError(f"predict: exit_threshold must lie in [0, 1] (a softmax probability), "
-                             f"got {exit_threshold!r}")
+        thresholds = None if exit_threshold is None else self._thresholds(exit_threshold)
         self._validate_x(x)
         if not self.built:
             self.build(x, **inputs)
@@ -325,13 +325,32 @@ class LocalSequential(Network):
         # eval mode for the duration: with batch statistics (BatchNorm) a sample's exit
         # would depend on the other samples of the batch, and running statistics would move
         with _eval_mode(self), self._given(inputs):
-            return self._ensemble(x) if ensemble else self._progressive(x, exit_threshold)
+            return self._ensemble(x) if ensemble else self._progressive(x, thresholds)
 
-    def _progressive(self, x: torch.Tensor, exit_threshold: float | None) -> Prediction:
+    def _thresholds(self, exit_threshold) -> list[float]:
+        """One exit threshold per node but the last, each checked to be a probability; a
+        node without an exit (None) gets 1, which no softmax probability exceeds."""
+        last = len(self.nodes) - 1
+        many = isinstance(exit_threshold, (list, tuple))
+        if many and len(exit_threshold) != last:
+            raise ValueError(f"predict: exit_threshold gives one threshold per node but the last: expected {last} "
+                             f"entries, got {len(exit_threshold)}")
+        given = list(exit_threshold) if many else [exit_threshold] * last
+        for k, t in enumerate(given):
+            if t is None and many:
+                continue
+            if isinstance(t, bool) or not isinstance(t, (int, float)) or not 0 <= t <= 1:
+                at = f" (node {k})" if many else ""
+                raise ValueError(f"predict: exit_threshold must lie in [0, 1] (a softmax probability){at}, "
+                                 f"got {t!r}")
+        return [1.0 if t is None else float(t) for t in given]
+
+    def _progressive(self, x: torch.Tensor, thresholds: list[float] | None) -> Prediction:
         last = len(self.nodes) - 1
         # no softmax probability exceeds 1: at threshold 1 no head could let a sample out,
-        # so none runs, and every sample runs through every node: the full cost
-        if exit_threshold is None or exit_threshold >= 1:
+        # so none runs (nor is counted); when no node offers an exit every sample runs
+        # through every node: the full cost
+        if thresholds is None or min(thresholds, default=1.0) >= 1:
             h = self(x, **{k: v for k, v in self.batch_inputs.items() if k in self.input_names})
             return Prediction(h.argmax(-1), torch.full(h.shape[:1], last, dtype=torch.int64, device=x.device))
         flops = self.flops()
@@ -347,10 +366,10 @@ class LocalSequential(Network):
             spent[pending] += flops.nodes[k]
             if k == last:
                 labels[pending] = h.argmax(1)
-            elif exit_threshold is not None and node.head is not None:
+            elif thresholds[k] < 1 and node.head is not None:
                 spent[pending] += flops.heads[k]
                 conf, guess = torch.softmax(node.head(h), 1).max(1)
-                leave = conf > exit_threshold
+                leave = conf > thresholds[k]
                 labels[pending[leave]], exit_node[pending[leave]] = guess[leave], k
                 pending, h = pending[~leave], h[~leave]
         return Prediction(labels, exit_node, float(spent.mean()) / flops.full)

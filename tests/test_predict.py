@@ -83,3 +83,39 @@ def test_exit_threshold_must_be_a_probability(threshold):
     net, x = bn_net()
     with pytest.raises(ValueError, match="exit_threshold must lie in"):
         net.predict(x, exit_threshold=threshold)
+
+
+def test_per_node_thresholds_skip_the_heads_of_nodes_without_an_exit():
+    """A sequence gives each node but the last its own threshold; None: no exit there, and
+    that node's head neither runs nor is counted."""
+    torch.manual_seed(0)
+    blocks = [nn.Sequential(nn.Linear(8 if k == 0 else 16, 16), nn.ReLU()) for k in range(3)] + [nn.Linear(16, 3)]
+    net = lp.LocalSequential(*blocks, rule="greedy", num_classes=3)
+    x = torch.randn(16, 8)
+    net.train_step(x, torch.randint(0, 3, (16,)))
+    flops = net.flops()
+    ran = [0] * 3
+    for k, node in enumerate(net.nodes[:-1]):
+        node.head.register_forward_hook(lambda m, i, o, k=k: ran.__setitem__(k, ran[k] + 1))
+    pred = net.predict(x, exit_threshold=[None, 0.0, None])  # every sample leaves at node 1
+    assert ran == [0, 1, 0] and (pred.exit_node == 1).all()
+    assert pred.flops_fraction == pytest.approx((flops.nodes[0] + flops.nodes[1] + flops.heads[1]) / flops.full)
+    heads1 = net.nodes[1].head(net.nodes[1](net.nodes[0](x)))
+    assert torch.equal(pred.labels, heads1.argmax(1))
+    # the same threshold everywhere is the scalar form
+    uniform = net.predict(x, exit_threshold=[0.6] * 3)
+    scalar = net.predict(x, exit_threshold=0.6)
+    assert torch.equal(uniform.labels, scalar.labels) and torch.equal(uniform.exit_node, scalar.exit_node)
+    assert uniform.flops_fraction == scalar.flops_fraction
+    # no exit anywhere: the full model at exactly its cost
+    none = net.predict(x, exit_threshold=[None] * 3)
+    assert none.flops_fraction == 1.0 and torch.equal(none.labels, net.predict(x).labels)
+
+
+@pytest.mark.parametrize("thresholds, match", [([0.5], "expected 2 entries, got 1"),
+                                               ([0.5, None, 0.5], "expected 2 entries, got 3"),
+                                               ([None, 2.0], r"\(node 1\), got 2.0")])
+def test_per_node_thresholds_are_checked(thresholds, match):
+    net, x = bn_net()
+    with pytest.raises(ValueError, match=match):
+        net.predict(x, exit_threshold=thresholds)

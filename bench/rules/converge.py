@@ -38,6 +38,7 @@ rule's latest curve per setting, so a run of a few rules keeps the others in the
 from __future__ import annotations
 
 import argparse
+import copy
 import functools
 import importlib.util
 import json
@@ -81,6 +82,8 @@ class Run:
     test: list[float] = field(default_factory=list)
     seconds: float = 0.0
     diverged: bool = False
+    #: the network's state_dict at the best validation epoch (kept on request)
+    best_state: dict | None = None
 
     @property
     def best(self) -> int:
@@ -145,12 +148,13 @@ class Flat(torch.nn.Module):
 
 
 def train(net, trval: data.Split, x_test, y_test, seed: int, cap: int, patience: int, min_delta: float,
-          drops: int) -> Run:
+          drops: int, keep_best: bool = False) -> Run:
     """Epochs of fit() (validation after each) until the best validation accuracy has not
     risen by >= min_delta for ``patience`` epochs, ``drops`` times with every lr times DROP
     there (one drop raised every rule on the 8-node CNN, bp by 0.6 points, the local rules by
     0.7 to 6.4: a constant lr leaves their noisy steps unannealed), or ``cap`` epochs; test
-    accuracy is recorded per epoch only to be read at the epoch validation chooses."""
+    accuracy is recorded per epoch only to be read at the epoch validation chooses. With
+    ``keep_best``, the run also keeps a copy of the network's state_dict at that epoch."""
     run, mark, since, left = Run(), -math.inf, 0, drops
     for epoch in range(cap):
         try:  # one epoch per call, each with its own shuffle
@@ -161,6 +165,8 @@ def train(net, trval: data.Split, x_test, y_test, seed: int, cap: int, patience:
         run.seconds += history.wall_seconds
         run.val.append(history.test_accuracy[-1])
         run.test.append(data.accuracy(net, x_test, y_test))
+        if keep_best and run.best == epoch:
+            run.best_state = copy.deepcopy(net.state_dict())
         if run.val[-1] >= mark + min_delta:
             mark, since = run.val[-1], 0
         else:

@@ -3,12 +3,18 @@ sample needs when it leaves at the first node whose head is confident enough.
 
 For each rule with heads (greedy, critic) on MNIST-1D's 1-D CNN at 4 and 8 nodes: the
 network is trained as bench/rules/converge.py trains it (its models, splits and stopping
-rule; the lr that benchmark chose on validation, below), then ``predict(x,
-exit_threshold=t)`` is read on the validation split for thresholds t from 0.5 to 0.9999.
-The threshold chosen is the one of fewest FLOPs whose validation accuracy is within 1
-point of the full model's (every sample through every node); the test split is read only
-at that threshold. FLOPs are predict()'s ``flops_fraction``: the nodes and heads a sample
-ran, as a fraction of one pass through every node.
+rule; the lr that benchmark chose on validation, below) and taken at its best validation
+epoch, then ``predict(x, exit_threshold=...)`` is read on the validation split, two ways:
+
+- one threshold for every node, t from 0.5 to 0.9999, or 1 (no exits: the full model);
+- one per node (None: no exit there, its head not run), by coordinate descent from the
+  chosen uniform threshold: each node in turn takes the value of fewest FLOPs that keeps
+  validation within the tolerance, until a sweep changes nothing.
+
+Chosen: the fewest FLOPs whose validation accuracy is within 1 point of the full model's
+(every sample through every node); the test split is read only at the chosen thresholds.
+FLOPs are predict()'s ``flops_fraction``: the nodes and heads a sample ran, as a fraction
+of one pass through every node.
 
     python bench/rules/progressive.py [--depths 8 4] [--rules greedy critic] [--seeds 3]
 
@@ -41,6 +47,8 @@ converge = _load("converge")
 #: nodes its --sweep-seeds 3 run, at 4 nodes the sweep on seed 0)
 LR = {("greedy", 8): 0.03, ("critic", 8): 0.03, ("greedy", 4): 0.03, ("critic", 4): 0.1}
 THRESHOLDS = (0.5, 0.6, 0.7, 0.8, 0.9, 0.95, 0.98, 0.99, 0.995, 0.999, 0.9999)
+#: one threshold for all nodes also may be 1, no exits: the full model, always within tolerance
+UNIFORM = (*THRESHOLDS, 1.0)
 TOLERANCE = 0.01  # one point of accuracy
 TITLE = "# Progressive inference on converged networks (MNIST-1D, 1-D CNN)\n"
 
@@ -51,23 +59,46 @@ def accuracy_and_flops(net, x, y, threshold):
     return float((p.labels == y).float().mean()), p.flops_fraction
 
 
+def per_node(net, x, y, start: float, floor: float) -> tuple[list[float | None], float]:
+    """Per-node thresholds of fewest validation FLOPs whose accuracy on (x, y) stays >= floor,
+    by coordinate descent from ``start`` at every node: (thresholds, their FLOPs)."""
+    current = [start] * (len(net.nodes) - 1)
+    _, best = accuracy_and_flops(net, x, y, current)
+    changed = True
+    while changed:
+        changed = False
+        for k in range(len(current)):
+            for candidate in (None, *THRESHOLDS):
+                trial = current[:k] + [candidate] + current[k + 1:]
+                acc, flops = accuracy_and_flops(net, x, y, trial)
+                if acc >= floor and flops < best:
+                    current, best, changed = trial, flops, True
+    return current, best
+
+
 def one(rule: str, depth: int, seed: int, ctx) -> dict:
-    """Train one network to convergence, then choose its threshold on validation."""
+    """Train one network to convergence, take its best validation epoch, then choose its
+    thresholds on validation, one for all nodes and one per node."""
     torch.manual_seed(seed)
     net = converge.factory("cnn", depth, LR[(rule, depth)], ctx["example"])(rule)
     run = converge.train(net, ctx["trval"], ctx["x_test"], ctx["y_test"], seed, converge.CAP["cnn"], 10, 0.002,
-                         converge.DROPS)
+                         converge.DROPS, keep_best=True)
+    net.load_state_dict(run.best_state)
     x_val, y_val = ctx["trval"].x_test, ctx["trval"].y_test
     full_val, _ = accuracy_and_flops(net, x_val, y_val, None)
-    scored = {t: accuracy_and_flops(net, x_val, y_val, t) for t in THRESHOLDS}
-    within = [t for t, (acc, _) in scored.items() if acc >= full_val - TOLERANCE]
-    chosen = min(within, key=lambda t: scored[t][1]) if within else max(THRESHOLDS)
+    floor = full_val - TOLERANCE
+    scored = {t: accuracy_and_flops(net, x_val, y_val, t) for t in UNIFORM}
+    chosen = min((t for t, (acc, _) in scored.items() if acc >= floor), key=lambda t: scored[t][1])
+    each, _ = per_node(net, x_val, y_val, chosen, floor)
     full_test, _ = accuracy_and_flops(net, ctx["x_test"], ctx["y_test"], None)
     test, flops = accuracy_and_flops(net, ctx["x_test"], ctx["y_test"], chosen)
-    print(f"{rule} {depth} seed={seed} epochs={len(run.val)} full test={100 * full_test:.1f} "
-          f"t={chosen} test={100 * test:.1f} flops={flops:.3f} "
-          f"(val: {' '.join(f'{t}:{100 * a:.1f}/{f:.2f}' for t, (a, f) in scored.items())})", flush=True)
-    return {"full": full_test, "exit": test, "flops": flops, "threshold": chosen, "epochs": len(run.val)}
+    test_each, flops_each = accuracy_and_flops(net, ctx["x_test"], ctx["y_test"], each)
+    print(f"{rule} {depth} seed={seed} epochs={len(run.val)} best@{run.best + 1} full test={100 * full_test:.1f} "
+          f"t={chosen} test={100 * test:.1f} flops={flops:.3f} | per node {each} test={100 * test_each:.1f} "
+          f"flops={flops_each:.3f} (val: {' '.join(f'{t}:{100 * a:.1f}/{f:.2f}' for t, (a, f) in scored.items())})",
+          flush=True)
+    return {"full": full_test, "exit": test, "flops": flops, "threshold": chosen, "epochs": len(run.val),
+            "exit_each": test_each, "flops_each": flops_each, "thresholds_each": each}
 
 
 def main() -> None:
@@ -81,21 +112,25 @@ def main() -> None:
     trval, x_test, y_test = converge.splits()
     ctx = {"trval": trval, "x_test": x_test, "y_test": y_test, "example": trval.x_train[:2]}
     stamp = common.stamp()
-    rows, lines = [], ["| nodes | rule | full model test % | with exits test % | FLOPs fraction | threshold (chosen "
-                       "on validation) | epochs |", "|---|---|---|---|---|---|---|"]
+    rows, lines = [], ["| nodes | rule | full model test % | one threshold: test % | FLOPs | threshold (chosen on "
+                       "validation) | per node: test % | FLOPs | epochs |", "|---|---|---|---|---|---|---|---|---|"]
     for depth in args.depths:
         for rule in args.rules:
             runs = [one(rule, depth, seed, ctx) for seed in range(args.seeds)]
-            mean = {k: statistics.mean(r[k] for r in runs) for k in ("full", "exit", "flops", "epochs")}
-            std = {k: statistics.pstdev(r[k] for r in runs) for k in ("full", "exit", "flops")}
+            figures = ("full", "exit", "flops", "exit_each", "flops_each")
+            mean = {k: statistics.mean(r[k] for r in runs) for k in (*figures, "epochs")}
+            std = {k: statistics.pstdev(r[k] for r in runs) for k in figures}
             rows.append({"model": "CNN1d c16", "depth": depth, "rule": rule, "lr": LR[(rule, depth)],
                          "seeds": args.seeds, "full_acc": mean["full"], "exit_acc": mean["exit"],
                          "exit_acc_std": std["exit"], "flops_fraction": mean["flops"],
-                         "flops_std": std["flops"], **stamp})
+                         "flops_std": std["flops"], "per_node_exit_acc": mean["exit_each"],
+                         "per_node_exit_acc_std": std["exit_each"], "per_node_flops_fraction": mean["flops_each"],
+                         "per_node_flops_std": std["flops_each"], **stamp})
             lines.append(f"| {depth} | {rule} | {100 * mean['full']:.1f} ± {100 * std['full']:.1f} | "
                          f"{100 * mean['exit']:.1f} ± {100 * std['exit']:.1f} | {mean['flops']:.2f} ± "
                          f"{std['flops']:.2f} | {', '.join(str(r['threshold']) for r in runs)} | "
-                         f"{mean['epochs']:.0f} |")
+                         f"{100 * mean['exit_each']:.1f} ± {100 * std['exit_each']:.1f} | {mean['flops_each']:.2f} ± "
+                         f"{std['flops_each']:.2f} | {mean['epochs']:.0f} |")
     table = "\n".join(lines)
     print(table)
     print("->", common.append_rows("progressive", rows))
@@ -104,8 +139,9 @@ def main() -> None:
     old = path.read_text() if path.exists() else TITLE
     path.write_text(old.rstrip("\n") + "\n\n" +
                     f"## Run: `{command.strip()}`\n\n{stamp['date']}, {stamp['device']}, {stamp['versions']}, git "
-                    f"{stamp['git_sha']}; {args.seeds} seeds; threshold: fewest FLOPs within {100 * TOLERANCE:g} "
-                    f"point of the full model on validation.\n\n" + table + "\n")
+                    f"{stamp['git_sha']}; {args.seeds} seeds; each network at its best validation epoch; thresholds: "
+                    f"fewest FLOPs within {100 * TOLERANCE:g} point of the full model on validation (per node: "
+                    f"coordinate descent, None = no exit at that node).\n\n" + table + "\n")
 
 if __name__ == "__main__":
     main()
