@@ -15,7 +15,7 @@ from typing import Callable, Sequence
 import torch
 from torch import nn
 
-from . import heads, objectives, rules
+from . import exits, heads, objectives, rules
 from .heads import HeadFactory
 from .errors import LABEL_DTYPES, check_finite
 from .network import DEFAULT_OPTIMIZER, Network, OptimizerFactory
@@ -317,15 +317,68 @@ class LocalSequential(Network):
         self._validate_x(x)
         if not self.built:
             self.build(x, **inputs)
-        if (exit_threshold is not None or ensemble) and (len(self.output_spec) > 1 or inputs or self.input_names):
-            raise ValueError("predict: exits and ensembles are per sample, for networks of per-sample outputs "
-                             "[B, C] without keyword inputs; this one "
-                             + ("outputs per position" if len(self.output_spec) > 1 else "takes keyword inputs"))
+        if exit_threshold is not None or ensemble:
+            self._check_per_sample("predict: exits and ensembles", inputs)
         self._set_backend(x.device)
         # eval mode for the duration: with batch statistics (BatchNorm) a sample's exit
         # would depend on the other samples of the batch, and running statistics would move
         with _eval_mode(self), self._given(inputs):
             return self._ensemble(x) if ensemble else self._progressive(x, thresholds)
+
+    def _check_per_sample(self, what: str, inputs: dict) -> None:
+        if len(self.output_spec) > 1 or inputs or self.input_names:
+            raise ValueError(f"{what} are per sample, for networks of per-sample outputs [B, C] without keyword "
+                             "inputs; this one "
+                             + ("outputs per position" if len(self.output_spec) > 1 else "takes keyword inputs"))
+
+    @torch.no_grad()
+    def choose_exits(self, x: torch.Tensor, y: torch.Tensor, tolerance: float = 0.01, per_node: bool = True,
+                     batch_size: int = 1024) -> exits.ExitChoice:
+        """Exit thresholds for ``predict(x, exit_threshold=...)`` chosen on held-out data
+        (x [N, ...], class labels y int64 [N]; a validation split, not the test set): the
+        fewest FLOPs whose accuracy stays within ``tolerance`` (a fraction: 0.01 is one
+        point) of the full model's there. One threshold for every node, then, with
+        ``per_node``, one per node (None: no exit there, its head not run), by coordinate
+        descent; see :mod:`localprop.exits`. The network runs once over x, in eval mode, in
+        batches of ``batch_size``. Returns an :class:`~localprop.exits.ExitChoice`."""
+        if not self.objective.classes:
+            raise ValueError(f"choose_exits: loss {self.objective.name!r} has no classes to predict")
+        if not isinstance(tolerance, (int, float)) or isinstance(tolerance, bool) or not 0 <= tolerance < 1:
+            raise ValueError(f"choose_exits: tolerance is a fraction of accuracy in [0, 1), got {tolerance!r}")
+        self._validate_x(x)
+        if y.shape != x.shape[:1] or y.dtype not in LABEL_DTYPES:
+            raise ValueError(f"choose_exits: y must hold one integer class label per sample of x: expected shape "
+                             f"{tuple(x.shape[:1])} and an integer dtype, got {tuple(y.shape)} {y.dtype}")
+        if not self.built:
+            self.build(x)
+        self._check_per_sample("choose_exits: exits", {})
+        if all(node.head is None for node in self.nodes[:-1]):
+            raise ValueError(f"choose_exits: no node but the last has a head (rule {self.rule.name!r}), "
+                             "so there is no exit to choose")
+        self._set_backend(x.device)
+        with _eval_mode(self):
+            scores = self._exit_scores(x, batch_size)
+        return exits.choose(scores, y.to(scores.final.device), tolerance, per_node)
+
+    def _exit_scores(self, x: torch.Tensor, batch_size: int) -> exits.Scores:
+        """Every head's max softmax and argmax, and the last node's argmax, on x."""
+        conf, guess, final = [], [], []
+        for xb in x.split(batch_size):
+            h, c, g = xb, [], []
+            for node in self.nodes[:-1]:
+                h = node(h)
+                if node.head is None:  # it never lets a sample out: confidence 0
+                    top = torch.zeros(len(xb), device=h.device), torch.zeros(len(xb), dtype=torch.int64, device=h.device)
+                else:
+                    top = torch.softmax(node.head(h), 1).max(1)
+                c.append(top[0])
+                g.append(top[1])
+            final.append(self.nodes[-1](h).argmax(1))
+            conf.append(torch.stack(c))
+            guess.append(torch.stack(g))
+        flops = self.flops()
+        return exits.Scores(torch.cat(conf, 1).cpu(), torch.cat(guess, 1).cpu(), torch.cat(final).cpu(),
+                            flops.nodes, flops.heads)
 
     def _thresholds(self, exit_threshold) -> list[float]:
         """One exit threshold per node but the last, each checked to be a probability; a

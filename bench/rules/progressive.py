@@ -6,10 +6,13 @@ network is trained as bench/rules/converge.py trains it (its models, splits and 
 rule; the lr that benchmark chose on validation, below) and taken at its best validation
 epoch, then ``predict(x, exit_threshold=...)`` is read on the validation split, two ways:
 
-- one threshold for every node, t from 0.5 to 0.9999, or 1 (no exits: the full model);
+- one threshold for every node, t from 0.5 to 0.9999 (localprop.exits.CANDIDATES), or none
+  (no exits: the full model);
 - one per node (None: no exit there, its head not run), by coordinate descent from the
   chosen uniform threshold: each node in turn takes the value of fewest FLOPs that keeps
   validation within the tolerance, until a sweep changes nothing.
+
+Both are ``net.choose_exits(x_val, y_val)`` (per_node False / True).
 
 Chosen: the fewest FLOPs whose validation accuracy is within 1 point of the full model's
 (every sample through every node); the test split is read only at the chosen thresholds.
@@ -46,9 +49,6 @@ converge = _load("converge")
 #: the lr bench/rules/converge.py chose on validation (bench/results/rules_converged.md; at 8
 #: nodes its --sweep-seeds 3 run, at 4 nodes the sweep on seed 0)
 LR = {("greedy", 8): 0.03, ("critic", 8): 0.03, ("greedy", 4): 0.03, ("critic", 4): 0.1}
-THRESHOLDS = (0.5, 0.6, 0.7, 0.8, 0.9, 0.95, 0.98, 0.99, 0.995, 0.999, 0.9999)
-#: one threshold for all nodes also may be 1, no exits: the full model, always within tolerance
-UNIFORM = (*THRESHOLDS, 1.0)
 TOLERANCE = 0.01  # one point of accuracy
 TITLE = "# Progressive inference on converged networks (MNIST-1D, 1-D CNN)\n"
 
@@ -59,46 +59,26 @@ def accuracy_and_flops(net, x, y, threshold):
     return float((p.labels == y).float().mean()), p.flops_fraction
 
 
-def per_node(net, x, y, start: float, floor: float) -> tuple[list[float | None], float]:
-    """Per-node thresholds of fewest validation FLOPs whose accuracy on (x, y) stays >= floor,
-    by coordinate descent from ``start`` at every node: (thresholds, their FLOPs)."""
-    current = [start] * (len(net.nodes) - 1)
-    _, best = accuracy_and_flops(net, x, y, current)
-    changed = True
-    while changed:
-        changed = False
-        for k in range(len(current)):
-            for candidate in (None, *THRESHOLDS):
-                trial = current[:k] + [candidate] + current[k + 1:]
-                acc, flops = accuracy_and_flops(net, x, y, trial)
-                if acc >= floor and flops < best:
-                    current, best, changed = trial, flops, True
-    return current, best
-
-
 def one(rule: str, depth: int, seed: int, ctx) -> dict:
     """Train one network to convergence, take its best validation epoch, then choose its
-    thresholds on validation, one for all nodes and one per node."""
+    thresholds on validation (net.choose_exits), one for all nodes and one per node."""
     torch.manual_seed(seed)
     net = converge.factory("cnn", depth, LR[(rule, depth)], ctx["example"])(rule)
     run = converge.train(net, ctx["trval"], ctx["x_test"], ctx["y_test"], seed, converge.CAP["cnn"], 10, 0.002,
                          converge.DROPS, keep_best=True)
     net.load_state_dict(run.best_state)
     x_val, y_val = ctx["trval"].x_test, ctx["trval"].y_test
-    full_val, _ = accuracy_and_flops(net, x_val, y_val, None)
-    floor = full_val - TOLERANCE
-    scored = {t: accuracy_and_flops(net, x_val, y_val, t) for t in UNIFORM}
-    chosen = min((t for t, (acc, _) in scored.items() if acc >= floor), key=lambda t: scored[t][1])
-    each, _ = per_node(net, x_val, y_val, chosen, floor)
+    uniform = net.choose_exits(x_val, y_val, TOLERANCE, per_node=False)
+    each = net.choose_exits(x_val, y_val, TOLERANCE)
     full_test, _ = accuracy_and_flops(net, ctx["x_test"], ctx["y_test"], None)
-    test, flops = accuracy_and_flops(net, ctx["x_test"], ctx["y_test"], chosen)
-    test_each, flops_each = accuracy_and_flops(net, ctx["x_test"], ctx["y_test"], each)
+    test, flops = accuracy_and_flops(net, ctx["x_test"], ctx["y_test"], uniform.thresholds)
+    test_each, flops_each = accuracy_and_flops(net, ctx["x_test"], ctx["y_test"], each.thresholds)
     print(f"{rule} {depth} seed={seed} epochs={len(run.val)} best@{run.best + 1} full test={100 * full_test:.1f} "
-          f"t={chosen} test={100 * test:.1f} flops={flops:.3f} | per node {each} test={100 * test_each:.1f} "
-          f"flops={flops_each:.3f} (val: {' '.join(f'{t}:{100 * a:.1f}/{f:.2f}' for t, (a, f) in scored.items())})",
-          flush=True)
-    return {"full": full_test, "exit": test, "flops": flops, "threshold": chosen, "epochs": len(run.val),
-            "exit_each": test_each, "flops_each": flops_each, "thresholds_each": each}
+          f"val={100 * uniform.full_accuracy:.1f} | t={uniform.thresholds[0]} val={100 * uniform.accuracy:.1f} "
+          f"test={100 * test:.1f} flops={flops:.3f} | per node {each.thresholds} val={100 * each.accuracy:.1f} "
+          f"test={100 * test_each:.1f} flops={flops_each:.3f}", flush=True)
+    return {"full": full_test, "exit": test, "flops": flops, "threshold": uniform.thresholds[0],
+            "epochs": len(run.val), "exit_each": test_each, "flops_each": flops_each}
 
 
 def main() -> None:
