@@ -368,7 +368,8 @@ class LocalSequential(Network):
             for node in self.nodes[:-1]:
                 h = node(h)
                 if node.head is None:  # it never lets a sample out: confidence 0
-                    top = torch.zeros(len(xb), device=h.device), torch.zeros(len(xb), dtype=torch.int64, device=h.device)
+                    top = (torch.zeros(len(xb), device=h.device),
+                           torch.zeros(len(xb), dtype=torch.int64, device=h.device))
                 else:
                     top = torch.softmax(node.head(h), 1).max(1)
                 c.append(top[0])
