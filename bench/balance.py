@@ -3,7 +3,12 @@ count, parameters or measured memory (``localize(balance=...)``), against bp and
 bp+checkpoint on the same layers. Memory is counted at the allocator (localprop.memory),
 so it does not depend on the machine's load.
 
-    python bench/balance.py [--batch 128] [--nodes 4 8]
+    python bench/balance.py [--batch 128] [--nodes 4 8] [--channels-last]
+
+``--channels-last``: the model and the input in torch.channels_last, the memory format in
+which oneDNN's convolution backward on CPU reorders nothing (in the default NCHW it copies
+its input and output gradient to its own layout: 32 MiB for a 32-channel 32x32 map at
+batch 128).
 
 Rows go to bench/results/balance_memory.csv.
 """
@@ -36,9 +41,10 @@ def vgg() -> nn.Sequential:
     return nn.Sequential(*layers, nn.Flatten(), nn.Linear(c * 2 * 2, 10))
 
 
-def peak_mib(rule: str, x, y, nodes: int | None = None, balance: str = "count") -> float:
+def peak_mib(rule: str, x, y, nodes: int | None = None, balance: str = "count", channels_last: bool = False) -> float:
     torch.manual_seed(0)
-    net = lp.localize(vgg(), rule=rule, num_classes=10, nodes=nodes, balance=balance, example_input=x)
+    model = vgg().to(memory_format=torch.channels_last) if channels_last else vgg()
+    net = lp.localize(model, rule=rule, num_classes=10, nodes=nodes, balance=balance, example_input=x)
     gc.collect()
     return memory.measure_step(net, x, y).peak_bytes / 2**20
 
@@ -47,16 +53,20 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--batch", type=int, default=128)
     p.add_argument("--nodes", type=int, nargs="+", default=[4, 8])
+    p.add_argument("--channels-last", action="store_true")
     args = p.parse_args()
     torch.manual_seed(0)
     x, y = torch.randn(args.batch, 3, 32, 32), torch.randint(0, 10, (args.batch,))
-    base = {rule: peak_mib(rule, x, y) for rule in ("bp", "bp+checkpoint")}
-    rows = [{"model": "vgg8", "batch": args.batch, "rule": rule, "nodes": "", "balance": "", "peak_mib": base[rule],
+    if args.channels_last:
+        x = x.contiguous(memory_format=torch.channels_last)
+    base = {rule: peak_mib(rule, x, y, channels_last=args.channels_last) for rule in ("bp", "bp+checkpoint")}
+    model = "vgg8 channels_last" if args.channels_last else "vgg8"
+    rows = [{"model": model, "batch": args.batch, "rule": rule, "nodes": "", "balance": "", "peak_mib": base[rule],
              "ratio_bp": base[rule] / base["bp"]} for rule in base]
     for nodes in args.nodes:
         for balance in ("count", "params", "memory"):
-            peak = peak_mib("greedy", x, y, nodes, balance)
-            rows.append({"model": "vgg8", "batch": args.batch, "rule": "greedy", "nodes": nodes, "balance": balance,
+            peak = peak_mib("greedy", x, y, nodes, balance, args.channels_last)
+            rows.append({"model": model, "batch": args.batch, "rule": "greedy", "nodes": nodes, "balance": balance,
                          "peak_mib": peak, "ratio_bp": peak / base["bp"]})
     stamp = common.stamp()
     common.show("peak step memory (MiB above the resident state)", rows)
