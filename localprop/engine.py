@@ -357,29 +357,8 @@ class LocalSequential(Network):
                              "so there is no exit to choose")
         self._set_backend(x.device)
         with _eval_mode(self):
-            scores = self._exit_scores(x, batch_size)
+            scores = exits.scores(self, x, batch_size)
         return exits.choose(scores, y.to(scores.final.device), tolerance, per_node)
-
-    def _exit_scores(self, x: torch.Tensor, batch_size: int) -> exits.Scores:
-        """Every head's max softmax and argmax, and the last node's argmax, on x."""
-        conf, guess, final = [], [], []
-        for xb in x.split(batch_size):
-            h, c, g = xb, [], []
-            for node in self.nodes[:-1]:
-                h = node(h)
-                if node.head is None:  # it never lets a sample out: confidence 0
-                    top = (torch.zeros(len(xb), device=h.device),
-                           torch.zeros(len(xb), dtype=torch.int64, device=h.device))
-                else:
-                    top = torch.softmax(node.head(h), 1).max(1)
-                c.append(top[0])
-                g.append(top[1])
-            final.append(self.nodes[-1](h).argmax(1))
-            conf.append(torch.stack(c))
-            guess.append(torch.stack(g))
-        flops = self.flops()
-        return exits.Scores(torch.cat(conf, 1).cpu(), torch.cat(guess, 1).cpu(), torch.cat(final).cpu(),
-                            flops.nodes, flops.heads)
 
     def _thresholds(self, exit_threshold) -> list[float]:
         """One exit threshold per node but the last, each checked to be a probability; a

@@ -36,6 +36,27 @@ class ExitChoice:
     flops_fraction: float           #: predict()'s flops_fraction with these exits
 
 
+def scores(net, x: torch.Tensor, batch_size: int) -> Scores:
+    """Every head's max softmax and argmax, and the last node's argmax, of the chain ``net``
+    (a LocalSequential, already in eval mode, under no_grad) on x [N, ...], in batches."""
+    conf, guess, final = [], [], []
+    for xb in x.split(batch_size):
+        h, c, g = xb, [], []
+        for node in net.nodes[:-1]:
+            h = node(h)
+            if node.head is None:  # it never lets a sample out: confidence 0
+                top = (torch.zeros(len(xb), device=h.device), torch.zeros(len(xb), dtype=torch.int64, device=h.device))
+            else:
+                top = torch.softmax(node.head(h), 1).max(1)
+            c.append(top[0])
+            g.append(top[1])
+        final.append(net.nodes[-1](h).argmax(1))
+        conf.append(torch.stack(c))
+        guess.append(torch.stack(g))
+    flops = net.flops()
+    return Scores(torch.cat(conf, 1).cpu(), torch.cat(guess, 1).cpu(), torch.cat(final).cpu(), flops.nodes, flops.heads)
+
+
 def simulate(scores: Scores, thresholds: Sequence[float | None]) -> tuple[torch.Tensor, torch.Tensor, float]:
     """(labels int64 [N], exit_node int64 [N], flops_fraction) of predict() at
     ``thresholds`` (one per node but the last; None or 1: no exit, that head not run)."""

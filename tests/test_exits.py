@@ -29,7 +29,7 @@ def trained(rule="greedy", nodes=4, seed=0):
 def test_simulation_is_what_predict_does(rule):
     net, x, y = trained(rule)
     with lp.engine._eval_mode(net), torch.no_grad():
-        scores = net._exit_scores(x, batch_size=64)  # batches smaller than x: joined as one pass
+        scores = exits.scores(net, x, batch_size=64)  # batches smaller than x: joined as one pass
     rng = random.Random(0)
     for _ in range(20):
         thresholds = [rng.choice([None, 0.0, 0.4, 0.6, 0.9, 0.99, 1.0]) for _ in range(len(net.nodes) - 1)]
