@@ -52,6 +52,10 @@ WHY_NOT = {
                      "rule bp)",
 }
 
+#: why exits and ensembles are refused on hooked networks
+_APART = ("exits and ensembles run nodes apart, which hooks on the model's own forward cannot; localize without "
+          "hooks=True for them")
+
 
 class HookedNetwork(Network):
     """A model trained node by node through hooks on its own forward (see the module).
@@ -359,8 +363,7 @@ class HookedNetwork(Network):
         """Class predictions of the model (argmax of its output) in eval mode. Early exits
         and ensembles need standalone nodes: localize without hooks=True for them."""
         if exit_threshold is not None or ensemble:
-            raise ValueError("predict: exits and ensembles run nodes apart, which hooks on the model's own "
-                             "forward cannot; localize without hooks=True for them")
+            raise ValueError(f"predict: {_APART}")
         if not self.objective.classes:
             raise ValueError(f"predict: loss {self.objective.name!r} has no classes to predict; use net(x)")
         with _eval_mode(self):
@@ -368,6 +371,10 @@ class HookedNetwork(Network):
         labels = out.argmax(-1)
         return Prediction(labels, torch.full(labels.shape[:1], len(self.starts), dtype=torch.int64,
                                              device=labels.device))
+
+    def choose_exits(self, x: torch.Tensor, y: torch.Tensor, **options):
+        """Not offered here (see :meth:`predict`): raises ValueError."""
+        raise ValueError(f"choose_exits: {_APART}")
 
     def describe(self, x: torch.Tensor | None = None, y: torch.Tensor | None = None, **inputs) -> Summary:
         """Every node's output shape, parameters (those its optimizer steps) and forward

@@ -268,6 +268,8 @@ def test_exits_and_submodels_need_standalone_nodes():
     assert net.predict(x).labels.shape == (6,)
     with pytest.raises(ValueError, match="exits and ensembles run nodes apart"):
         net.predict(x, exit_threshold=0.5)
+    with pytest.raises(ValueError, match="choose_exits: exits and ensembles run nodes apart"):
+        net.choose_exits(x, torch.zeros(len(x), dtype=torch.int64))
     with pytest.raises(TypeError, match="no standalone nodes"):
         net.topology()
 
