@@ -66,6 +66,8 @@ def one(rule: str, depth: int, seed: int, ctx) -> dict:
     net = converge.factory("cnn", depth, LR[(rule, depth)], ctx["example"])(rule)
     run = converge.train(net, ctx["trval"], ctx["x_test"], ctx["y_test"], seed, converge.CAP["cnn"], 10, 0.002,
                          converge.DROPS, keep_best=True)
+    if run.best_state is None:  # no epoch finished: nothing to evaluate
+        raise RuntimeError(f"{rule} at {depth} nodes, seed {seed}: diverged in its first epoch")
     net.load_state_dict(run.best_state)
     x_val, y_val = ctx["trval"].x_test, ctx["trval"].y_test
     uniform = net.choose_exits(x_val, y_val, TOLERANCE, per_node=False)
