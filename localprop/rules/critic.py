@@ -107,11 +107,10 @@ class Critic(LocalRule):
             nodes (67.0 / 64.4 / 64.2% against 64.5 / 63.3 / 62.2) and the 8-node CNN (89.1
             against 85.2), but one seed of three fell to 43% and 53% on the 4- and 16-node
             CNNs; mean validation accuracy over the six settings 73.7% against 75.1%, so 1.0
-            stays. What the
-            weight does: the gap's gradient is sign(ℓ_k − ℓ_{k+1}) ∇ℓ_k, so at critic_ce = 1
-            a critic learns from twice the CE gradient on the samples where the next node's
-            loss is lower than its own and from none on the others; above 1 it learns from
-            every sample.
+            stays. What the weight does: the gap's gradient is sign(ℓ_k − ℓ_{k+1}) ∇ℓ_k, so
+            at critic_ce = 1 a critic learns from twice the CE gradient on the samples where
+            the next node's loss is lower than its own and from none on the others; above 1
+            it learns from every sample.
 
     StepResult.extra["critic_gap"]: node name -> loss_c_k before its update, on steps that
     train critics.
