@@ -64,18 +64,23 @@ def test_conv_critics_train_a_localized_cnn():
 
 
 def test_a_pooled_critic_convolves_a_smaller_map():
-    """default_critic(pooled=4): the convolution on a 4x4 map instead of the node's 8x8, a
-    quarter of its FLOPs (then Linear(4 * 8, 10); multiply-adds count 2)."""
+    """default_critic(pooled=4): the convolutions on a 4x4 map instead of the node's 8x8, a
+    quarter of their FLOPs; separable (the default): a depthwise 3x3 then a pointwise conv,
+    against one full 3x3 conv (then Linear(4 * 8, 10); multiply-adds count 2)."""
     split = lp.data.digits(image=True)
     model = nn.Sequential(nn.Conv2d(1, 8, 3, padding=1), nn.ReLU(), nn.Conv2d(8, 16, 3, padding=1), nn.ReLU(),
                           nn.Flatten(), nn.Linear(16 * 64, 10))
     flops = {}
     for pooled in (None, 4):
-        rule = lp.rules.Critic(critic=functools.partial(critic_module.default_critic, pooled=pooled))
-        net = lp.localize(copy.deepcopy(model), rule=rule, num_classes=10, example_input=split.x_train[:2])
-        flops[pooled] = net.flops().heads[0]
-    assert flops[4] == 2 * (8 * 8 * 9 * 4 * 4) + 2 * (32 * 10)
-    assert flops[None] == 2 * (8 * 8 * 9 * 8 * 8) + 2 * (32 * 10)
+        for separable in (True, False):
+            critic = functools.partial(critic_module.default_critic, pooled=pooled, separable=separable)
+            net = lp.localize(copy.deepcopy(model), rule=lp.rules.Critic(critic=critic), num_classes=10,
+                              example_input=split.x_train[:2])
+            flops[pooled, separable] = net.flops().heads[0]
+    for side in (4, 8):
+        pooled = 4 if side == 4 else None
+        assert flops[pooled, True] == 2 * (8 * 9 + 8 * 8) * side * side + 2 * (32 * 10)
+        assert flops[pooled, False] == 2 * (8 * 8 * 9) * side * side + 2 * (32 * 10)
 
 
 def test_progressive_inference_saves_flops_at_nearly_full_accuracy(trained):
