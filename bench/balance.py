@@ -3,12 +3,16 @@ count, parameters or measured memory (``localize(balance=...)``), against bp and
 bp+checkpoint on the same layers. Memory is counted at the allocator (localprop.memory),
 so it does not depend on the machine's load.
 
-    python bench/balance.py [--batch 128] [--nodes 4 8] [--channels-last]
+    python bench/balance.py [--batch 128] [--nodes 4 8] [--channels-last] [--lean]
 
 ``--channels-last``: the model and the input in torch.channels_last, the memory format in
 which oneDNN's convolution backward on CPU reorders nothing (in the default NCHW it copies
 its input and output gradient to its own layout: 32 MiB for a 32-channel 32x32 map at
 batch 128).
+
+``--lean``: the local networks (and a bp row beside the plain one) built with
+``localize(..., lean=True)``: each BatchNorm + ReLU as one localprop.lean.BatchNormReLU,
+whose backward keeps one activation fewer. The ratios stay against the plain bp.
 
 Rows go to bench/results/balance_memory.csv.
 """
@@ -41,10 +45,11 @@ def vgg() -> nn.Sequential:
     return nn.Sequential(*layers, nn.Flatten(), nn.Linear(c * 2 * 2, 10))
 
 
-def peak_mib(rule: str, x, y, nodes: int | None = None, balance: str = "count", channels_last: bool = False) -> float:
+def peak_mib(rule: str, x, y, nodes: int | None = None, balance: str = "count", channels_last: bool = False,
+             lean: bool = False) -> float:
     torch.manual_seed(0)
     model = vgg().to(memory_format=torch.channels_last) if channels_last else vgg()
-    net = lp.localize(model, rule=rule, num_classes=10, nodes=nodes, balance=balance, example_input=x)
+    net = lp.localize(model, rule=rule, num_classes=10, nodes=nodes, balance=balance, example_input=x, lean=lean)
     gc.collect()
     return memory.measure_step(net, x, y).peak_bytes / 2**20
 
@@ -54,18 +59,21 @@ def main() -> None:
     p.add_argument("--batch", type=int, default=128)
     p.add_argument("--nodes", type=int, nargs="+", default=[4, 8])
     p.add_argument("--channels-last", action="store_true")
+    p.add_argument("--lean", action="store_true", help="localize(lean=True): BatchNorm + ReLU as one lean layer")
     args = p.parse_args()
     torch.manual_seed(0)
     x, y = torch.randn(args.batch, 3, 32, 32), torch.randint(0, 10, (args.batch,))
     if args.channels_last:
         x = x.contiguous(memory_format=torch.channels_last)
     base = {rule: peak_mib(rule, x, y, channels_last=args.channels_last) for rule in ("bp", "bp+checkpoint")}
-    model = "vgg8 channels_last" if args.channels_last else "vgg8"
+    if args.lean:
+        base["bp lean"] = peak_mib("bp", x, y, channels_last=args.channels_last, lean=True)
+    model = "vgg8" + " channels_last" * args.channels_last + " lean" * args.lean
     rows = [{"model": model, "batch": args.batch, "rule": rule, "nodes": "", "balance": "", "peak_mib": base[rule],
              "ratio_bp": base[rule] / base["bp"]} for rule in base]
     for nodes in args.nodes:
         for balance in ("count", "params", "memory"):
-            peak = peak_mib("greedy", x, y, nodes, balance, args.channels_last)
+            peak = peak_mib("greedy", x, y, nodes, balance, args.channels_last, args.lean)
             rows.append({"model": model, "batch": args.batch, "rule": "greedy", "nodes": nodes, "balance": balance,
                          "peak_mib": peak, "ratio_bp": peak / base["bp"]})
     stamp = common.stamp()

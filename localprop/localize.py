@@ -1,31 +1,51 @@
 """localize(): turn an existing model into a network of local-learning nodes."""
 from __future__ import annotations
 
+import contextlib
+import itertools
 import statistics
 import time
-from typing import Sequence
+from typing import Iterator, Sequence
 
 import torch
 from torch import nn
 
 from . import memory, rules, trace
-from .engine import LocalSequential, OptimizerFactory, _eval_mode
+from .lean import lean_layers
+from .engine import LocalSequential, OptimizerFactory
 from .hooked import HookedNetwork
 
 
-def units(children: Sequence[nn.Module]) -> list[list[nn.Module]]:
+#: parameter-free layers that shrink a map: with balance="memory" they start a node (see units)
+POOLS = (nn.MaxPool1d, nn.MaxPool2d, nn.MaxPool3d, nn.AvgPool1d, nn.AvgPool2d, nn.AvgPool3d,
+         nn.AdaptiveMaxPool1d, nn.AdaptiveMaxPool2d, nn.AdaptiveMaxPool3d, nn.AdaptiveAvgPool1d,
+         nn.AdaptiveAvgPool2d, nn.AdaptiveAvgPool3d)
+
+
+def units(children: Sequence[nn.Module], pool_first: bool = False) -> list[list[nn.Module]]:
     """Split ``children`` into units: each starts at a child with parameters and takes the
     parameter-free children after it (activations, pooling, flatten); parameter-free
-    children before the first such child join the first unit."""
+    children before the first such child join the first unit.
+
+    ``pool_first``: a pooling layer (:data:`POOLS`) instead starts the unit of the next child
+    with parameters. At the start of a node it runs on the node's detached input, outside
+    autograd, so it keeps nothing for a backward; at the end of one it keeps its input's
+    gradient (a full-resolution map) and MaxPool its indices. A last unit left without
+    parameters joins the one before."""
     groups: list[list[nn.Module]] = []
     for child in children:
         has_params = any(True for _ in child.parameters())
-        if has_params and (not groups or any(True for m in groups[-1] for _ in m.parameters())):
+        open_unit = bool(groups) and not any(True for m in groups[-1] for _ in m.parameters())
+        if (has_params and groups and not open_unit) or (pool_first and isinstance(child, POOLS) and groups
+                                                         and not open_unit):
             groups.append([child])
         elif groups:
             groups[-1].append(child)
         else:
             groups.append([child])
+    if len(groups) > 1 and not any(True for m in groups[-1] for _ in m.parameters()):
+        last = groups.pop()
+        groups[-1] += last
     return groups
 
 
@@ -46,14 +66,17 @@ def group_counts(blocks: int, nodes: int, costs: Sequence[float] | None = None) 
 
 def split_balanced(parts: Sequence[list[nn.Module]], nodes: int, costs: Sequence[float] | None = None,
                    checkpoint: bool = False) -> list[nn.Module]:
-    """Join consecutive ``parts`` into ``nodes`` groups (see :func:`group_counts`). A group
-    of one module is that module itself; with ``checkpoint``, a group of several parts is
-    a :class:`Segments` that recomputes each part in its backward."""
-    if not 1 <= nodes <= len(parts):
-        raise ValueError(f"nodes must lie in [1, {len(parts)}] for a model of {len(parts)} blocks with "
-                         f"parameters, got {nodes}")
+    """Join consecutive ``parts`` into ``nodes`` groups (see :func:`group_counts` and :func:`join`)."""
+    _check_nodes(nodes, len(parts))
+    return join(parts, group_counts(len(parts), nodes, costs), checkpoint)
+
+
+def join(parts: Sequence[list[nn.Module]], counts: Sequence[int], checkpoint: bool = False) -> list[nn.Module]:
+    """One module per group of ``counts`` consecutive parts. A group of one module is that
+    module itself; with ``checkpoint``, a group of several parts is a :class:`Segments`
+    that recomputes each part in its backward."""
     groups, start = [], 0
-    for count in group_counts(len(parts), nodes, costs):
+    for count in counts:
         mine = parts[start:start + count]
         modules = [m for part in mine for m in part]
         if checkpoint and len(mine) > 1:
@@ -62,6 +85,12 @@ def split_balanced(parts: Sequence[list[nn.Module]], nodes: int, costs: Sequence
             groups.append(modules[0] if len(modules) == 1 else nn.Sequential(*modules))
         start += count
     return groups
+
+
+def _check_nodes(nodes: int, parts: int) -> None:
+    if not 1 <= nodes <= parts:
+        raise ValueError(f"nodes must lie in [1, {parts}] for a model of {parts} blocks with "
+                         f"parameters, got {nodes}")
 
 
 class Segments(nn.Sequential):
@@ -84,11 +113,12 @@ class Segments(nn.Sequential):
 def part_costs(parts: Sequence[list[nn.Module]], balance: str, example: torch.Tensor | None) -> list[float] | None:
     """A cost per part for ``balance``: None for "count"; its parameter count for
     "params"; measured on a dry run through the parts on ``example`` [B, ...] for "memory"
-    (the allocator peak of the part's forward and backward: the activations it keeps for
-    its backward are what a node of several parts holds together, so they add up) and
-    "time" (the median of 3 timed forward and backward passes after a warm-up: a timing,
-    so two runs can split differently). The model's parameters and modes are left as they
-    were (gradients are restored; batch statistics are not updated: eval mode)."""
+    (the allocator peak of the part's forward and backward in training mode: the
+    activations it keeps for its backward are what a node of several parts holds
+    together, so they add up) and "time" (the median of 3 timed forward and backward
+    passes after a warm-up: a timing, so two runs can split differently). The model is
+    left as it was: gradients, buffers (BatchNorm's running statistics) and the random
+    state are restored (see :func:`_dry_run`)."""
     if balance == "count":
         return None
     if balance == "params":
@@ -99,35 +129,50 @@ def part_costs(parts: Sequence[list[nn.Module]], balance: str, example: torch.Te
     for part in parts:
         block = nn.Sequential(*part)
         costs.append(_measure(block, h, balance))
-        with torch.no_grad():
+        with torch.no_grad(), _dry_run(block, h.device):
             h = block(h)
     return costs
 
 
+@contextlib.contextmanager
+def _dry_run(block: nn.Module, device: torch.device) -> Iterator[None]:
+    """Run ``block`` in training mode (the memory and time of a step) and then put back
+    what that changes: its parameters' gradients, its buffers and the random state (dropout)."""
+    grads = {p: p.grad for p in block.parameters()}
+    buffers = [(b, b.clone()) for b in block.buffers()]
+    modes = [(m, m.training) for m in block.modules()]
+    try:
+        with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+            block.train()
+            yield
+    finally:
+        for m, mode in modes:
+            m.training = mode
+        with torch.no_grad():
+            for b, value in buffers:
+                b.copy_(value)
+        for p, grad in grads.items():
+            p.grad = grad
+
+
 def _measure(block: nn.Module, u: torch.Tensor, balance: str) -> float:
     """``block``'s forward-and-backward cost on input u for ``balance`` ("memory": bytes, "time": s)."""
-    saved = {p: p.grad for p in block.parameters()}
-
-    def step() -> None:
+    def step() -> None:  # a full output gradient, as a head's or the next node's would be
         out = block(u)
-        out.float().sum().backward()
+        out.backward(torch.ones_like(out))
 
-    try:
-        with _eval_mode(block):
-            step()  # warm-up: lazily allocated state is not the part's cost
-            if balance == "memory":
-                with memory.track_peak(u.device) as peak:
-                    step()
-                return float(peak.bytes)
-            times = []
-            for _ in range(3):
-                start = time.perf_counter()
+    with _dry_run(block, u.device):
+        step()  # warm-up: lazily allocated state is not the part's cost
+        if balance == "memory":
+            with memory.track_peak(u.device) as peak:
                 step()
-                times.append(time.perf_counter() - start)
-            return statistics.median(times)
-    finally:
-        for p, grad in saved.items():
-            p.grad = grad
+            return float(peak.bytes)
+        times = []
+        for _ in range(3):
+            start = time.perf_counter()
+            step()
+            times.append(time.perf_counter() - start)
+        return statistics.median(times)
 
 
 def localize(model: nn.Module | Sequence[nn.Module], rule: str | rules.Rule = "greedy", *,
@@ -137,7 +182,7 @@ def localize(model: nn.Module | Sequence[nn.Module], rule: str | rules.Rule = "g
              backend: str | None = None, example_input: torch.Tensor | None = None, balance: str = "count",
              check_finite: bool = True, variable_dims: tuple[int, ...] | None = None,
              checkpoint: bool = False, max_grad_norm: float | None = None, hooks: bool = False,
-             output=None) -> LocalSequential | HookedNetwork:
+             output=None, lean: bool = False) -> LocalSequential | HookedNetwork:
     """Make ``model`` a chain of nodes that learn locally; its own modules are trained in
     place (after training, ``model`` is the trained model).
 
@@ -174,7 +219,9 @@ def localize(model: nn.Module | Sequence[nn.Module], rule: str | rules.Rule = "g
         balance: what the K nodes balance (see :func:`part_costs`): "count" of blocks
             (default), "params", "memory" (each block's measured step memory, so that no
             node's autograd working set, e.g. a high-resolution stage's, sets the step's
-            peak alone) or "time"; "memory" and "time" need ``example_input``.
+            peak alone; for an nn.Sequential its pooling layers may then start nodes
+            rather than end them, whichever measures the lower peak, see
+            :func:`units`) or "time"; "memory" and "time" need ``example_input``.
         example_input: a batch [B, ...] for the dry run that finds every node's output shape
             (and so its head); without it the dry run happens on the first batch.
         checkpoint: checkpointing inside each node: every block is recomputed during its
@@ -188,6 +235,9 @@ def localize(model: nn.Module | Sequence[nn.Module], rule: str | rules.Rule = "g
             (split points and ``nodes`` as above; ``balance`` "count" or "params").
         output: with ``hooks``, how to read the output tensor from what the forward returns
             (default: a tensor as is, a mapping's "logits", a tuple's first element).
+        lean: for an nn.Sequential or a list of blocks: every BatchNorm directly followed by
+            a ReLU runs as one :class:`~localprop.lean.BatchNormReLU`, whose backward keeps
+            one activation fewer (the same arithmetic, parameters and state_dict keys).
 
     Returns a :class:`LocalSequential` (a :class:`~localprop.hooked.HookedNetwork` with
     ``hooks``). Errors name the split point, module or op in the way.
@@ -198,10 +248,14 @@ def localize(model: nn.Module | Sequence[nn.Module], rule: str | rules.Rule = "g
               "backend": backend, "check_finite": check_finite, "variable_dims": variable_dims,
               "max_grad_norm": max_grad_norm}
     listed = isinstance(model, (list, tuple, nn.ModuleList))
+    blocks = listed or (isinstance(model, nn.Sequential) and split_points is None and block is None and not inputs)
+    if lean and (hooks or not blocks):
+        raise ValueError("localize(lean=True) fuses BatchNorm + ReLU pairs among an nn.Sequential's (or a block "
+                         "list's) layers; in another model, use localprop.lean.BatchNormReLU in its code")
     if hooks:
         net = _localize_hooked(model, nodes, split_points, block, balance, checkpoint, output, common)
-    elif listed or (isinstance(model, nn.Sequential) and split_points is None and block is None and not inputs):
-        net = _localize_blocks(model, nodes, balance, example_input, checkpoint, common)
+    elif blocks:
+        net = _localize_blocks(model, nodes, balance, example_input, checkpoint, lean, common)
     elif isinstance(model, nn.Module):
         net = _localize_traced(model, nodes, split_points, block, tuple(inputs), balance, example_input,
                                checkpoint, common)
@@ -238,17 +292,78 @@ def _localize_hooked(model, nodes, split_points, block, balance, checkpoint, out
     return HookedNetwork(model, starts, output=output, **kept)
 
 
-def _localize_blocks(model, nodes, balance, example_input, checkpoint, common) -> LocalSequential:
+def _localize_blocks(model, nodes, balance, example_input, checkpoint, lean, common) -> LocalSequential:
     """An nn.Sequential or a list of blocks: a node per child with parameters, grouped."""
     children = list(model.children()) if isinstance(model, nn.Sequential) else list(model)
     if not all(isinstance(m, nn.Module) for m in children):
         raise TypeError("localize() takes a list of nn.Module blocks")
     if not children:
         raise ValueError("localize() got a model with no blocks")
-    parts = units(children)
-    costs = part_costs(parts, balance, example_input) if nodes is not None else None
-    blocks = split_balanced(parts, len(parts) if nodes is None else nodes, costs, checkpoint)
+    children = lean_layers(children) if lean else children
+    if nodes is not None and balance == "memory":
+        blocks = join(*_memory_parts(children, nodes, example_input), checkpoint)
+    else:
+        parts = units(children)
+        costs = part_costs(parts, balance, example_input) if nodes is not None else None
+        blocks = split_balanced(parts, len(parts) if nodes is None else nodes, costs, checkpoint)
     return LocalSequential(*blocks, **common)
+
+
+def _memory_parts(children: list[nn.Module], nodes: int, example: torch.Tensor | None):
+    """(parts, counts) for balance="memory": for each placement of pooling layers (ending
+    a unit, or starting the next: see :func:`units`), the split of least summed part cost
+    (:func:`part_costs`), then refined on measured group peaks (:func:`_refine`); the
+    placement whose nodes measure the lower largest peak wins. The parts' costs only add
+    up approximately (a group also holds the gradients between its parts), so the split
+    is checked on what a whole group measures."""
+    _check_nodes(nodes, len(units(children)))  # pools starting units only add units
+    best = None
+    for pool_first in (False, True):
+        parts = units(children, pool_first)
+        if best is not None and parts == best[0]:
+            continue
+        costs = part_costs(parts, "memory", example)
+        counts, peak = _refine(parts, group_counts(len(parts), nodes, costs), example)
+        if best is None or peak < best[2]:
+            best = (parts, counts, peak)
+    return best[0], best[1]
+
+
+def _refine(parts: list[list[nn.Module]], counts: list[int], example: torch.Tensor) -> tuple[list[int], float]:
+    """(counts, largest peak): ``counts`` after moving node boundaries one part at a time
+    while that lowers the largest measured group peak (or, at the same largest, the pair's),
+    and that peak. Each group is measured once on a dry run (:func:`_measure`); the inputs
+    of every part are kept for it (a forward's outputs at ``example``'s batch, no autograd)."""
+    inputs, h = [], example
+    for part in parts:
+        inputs.append(h)
+        block = nn.Sequential(*part)
+        with torch.no_grad(), _dry_run(block, h.device):
+            h = block(h)
+    cache: dict[tuple[int, int], float] = {}
+
+    def peak(i: int, j: int) -> float:  # the group's input is alive through its step too
+        if (i, j) not in cache:
+            group = nn.Sequential(*[m for part in parts[i:j] for m in part])
+            cache[i, j] = _measure(group, inputs[i], "memory") + memory.tensor_bytes([inputs[i]])
+        return cache[i, j]
+
+    def peaks(cuts: list[int]) -> list[float]:
+        return [peak(a, b) for a, b in zip(cuts, cuts[1:])]
+
+    cuts = [0] + list(itertools.accumulate(counts))
+    changed = True
+    while changed:
+        changed = False
+        for k in range(1, len(cuts) - 1):
+            for move in (-1, 1):
+                trial = cuts[:k] + [cuts[k] + move] + cuts[k + 1:]
+                if not trial[k - 1] < trial[k] < trial[k + 1]:
+                    continue
+                old, new = peaks(cuts), peaks(trial)
+                if (max(new), max(new[k - 1:k + 1])) < (max(old), max(old[k - 1:k + 1])):
+                    cuts, changed = trial, True
+    return [b - a for a, b in zip(cuts, cuts[1:])], max(peaks(cuts))
 
 
 def _localize_traced(model, nodes, split_points, block, inputs, balance, example_input, checkpoint,
@@ -326,7 +441,7 @@ def _block_costs(model, blocks, inputs, balance, example) -> list[float] | None:
     for node in cut.nodes:
         node.values = values
         costs.append(_measure(node, h, balance))
-        with torch.no_grad(), _eval_mode(node):
+        with torch.no_grad(), _dry_run(node, h.device):
             h = node(h)
     return costs
 
