@@ -61,3 +61,46 @@ def test_balance_errors():
         lp.localize(vgg(), num_classes=10, nodes=2, balance="flops")
     with pytest.raises(ValueError, match="give example_input"):
         lp.localize(vgg(), num_classes=10, nodes=2, balance="memory")
+
+
+def test_pools_start_units_when_asked():
+    """units(pool_first=True): a pooling layer begins the next unit; a last unit left
+    without parameters (a trailing pool) joins the one before."""
+    layers = [nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4), nn.ReLU(), nn.MaxPool2d(2), nn.Conv2d(4, 4, 3), nn.ReLU(),
+              nn.AdaptiveAvgPool2d(1), nn.Flatten()]
+    kinds = lambda parts: [[type(m).__name__ for m in part] for part in parts]  # noqa: E731
+    assert kinds(units(layers)) == [["Conv2d"], ["BatchNorm2d", "ReLU", "MaxPool2d"],
+                                    ["Conv2d", "ReLU", "AdaptiveAvgPool2d", "Flatten"]]
+    assert kinds(units(layers, pool_first=True)) == [["Conv2d"], ["BatchNorm2d", "ReLU"],
+                                                     ["MaxPool2d", "Conv2d", "ReLU", "AdaptiveAvgPool2d", "Flatten"]]
+
+
+def bn_vgg(widths=(8, 8, 16, 16)):
+    layers, c = [], 3
+    for i, w in enumerate(widths):
+        layers += [nn.Conv2d(c, w, 3, padding=1), nn.BatchNorm2d(w), nn.ReLU()] + ([nn.MaxPool2d(2)] if i % 2 else [])
+        c = w
+    return nn.Sequential(*layers, nn.Flatten(), nn.Linear(c * 4 * 4, 10))
+
+
+@pytest.mark.skipif(memory.cpu_counter() is None, reason="needs the C++ extension's counting allocator")
+def test_memory_balance_leaves_running_statistics_and_gradients_alone():
+    """The dry runs run in training mode (a step's memory) and put back what they change."""
+    torch.manual_seed(0)
+    model = bn_vgg()
+    model[1].running_mean.fill_(0.5)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    lp.localize(model, num_classes=10, nodes=3, balance="memory", example_input=torch.randn(8, 3, 16, 16))
+    assert all(torch.equal(v, model.state_dict()[k]) for k, v in before.items())
+    assert all(p.grad is None for p in model.parameters()) and model.training
+
+
+@pytest.mark.skipif(memory.cpu_counter() is None, reason="needs the C++ extension's counting allocator")
+def test_memory_balance_with_batchnorm_is_no_worse_than_count():
+    x, y = torch.randn(16, 3, 16, 16), torch.randint(0, 10, (16,))
+    peaks = {}
+    for balance in ("count", "memory"):
+        torch.manual_seed(0)
+        net = lp.localize(bn_vgg(), num_classes=10, nodes=4, balance=balance, example_input=x)
+        peaks[balance] = memory.measure_step(net, x, y).peak_bytes
+    assert peaks["memory"] <= peaks["count"]
