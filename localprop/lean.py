@@ -3,10 +3,12 @@
 :class:`BatchNormReLU` is BatchNorm followed by ReLU as one layer. Under autograd the pair
 holds the BatchNorm's input and the ReLU's output for the backward and, in it, the
 gradient at the BatchNorm's output as a full tensor beside the gradient at the ReLU's
-output: four activations of the map's size at the backward's peak. This layer computes
-that middle gradient a slice of the batch at a time, so its peak is three (the input, the
-output and the output's gradient) plus a slice. On a node whose working set is one
-full-resolution BatchNorm + ReLU (a VGG's first block), that is a quarter less memory.
+output: four activations of the map's size at the backward's peak. When the input needs
+no gradient (the first layer of a node), this layer computes the weight's and bias's
+gradients from the ReLU's output gradient a slice of the batch at a time, so its peak is
+three maps (the input, the output and the output's gradient) plus a slice. On a node whose
+working set is one full-resolution BatchNorm + ReLU (a VGG's first block), that is a
+quarter less memory.
 
 ``localize(..., lean=True)`` puts it in place of every BatchNorm directly followed by a
 ReLU (the ReLU becomes an ``nn.Identity``; parameters, buffers and state_dict keys stay).
@@ -26,44 +28,34 @@ BATCH_NORMS = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d)
 
 
 class _BatchNormReLU(torch.autograd.Function):
-    """y = relu(batch_norm(x)) with batch statistics; saves x, y, the batch mean and 1/std."""
+    """y = relu(batch_norm(x)) with batch statistics, for an x that needs no gradient;
+    saves x, y, the batch mean and 1/std, and gives the gradients of weight and bias."""
 
     @staticmethod
     def forward(ctx, x, weight, bias, running_mean, running_var, factor: float, eps: float):
         y, mean, invstd = torch.native_batch_norm(x, weight, bias, running_mean, running_var, True, factor, eps)
         y.relu_()
-        ctx.save_for_backward(x, y, weight, mean, invstd)
+        ctx.save_for_backward(x, y, mean, invstd)
         return y
 
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx, gy):
-        x, y, weight, mean, invstd = ctx.saved_tensors
-        need_x, need_w, need_b = ctx.needs_input_grad[:3]
+        x, y, mean, invstd = ctx.saved_tensors
         dims = [0] + list(range(2, x.dim()))
         view = [1, -1] + [1] * (x.dim() - 2)
         acc = torch.float32 if x.dtype in (torch.float16, torch.bfloat16) else x.dtype
-        m, s = mean.to(acc).view(view), invstd.to(acc).view(view)
-        chunks = _chunks(x, y, gy)
+        m = mean.to(acc).view(view)
         dbeta = torch.zeros(x.shape[1], dtype=acc, device=x.device)
         dgamma = torch.zeros_like(dbeta)
-        for xc, yc, gc in chunks:  # the ReLU's gradient g and the two sums, a slice at a time
+        for xc, yc, gc in _chunks(x, y, gy):  # the ReLU's gradient g and the two sums, a slice at a time
             g = torch.where(yc > 0, gc, 0).to(acc)
             dbeta += g.sum(dims)
             dgamma += (g * (xc.to(acc) - m)).sum(dims)
         dgamma *= invstd.to(acc)
-        gx = None
-        if need_x:
-            n = x.numel() // x.shape[1]
-            scale = s if weight is None else s * weight.to(acc).view(view)
-            gx = torch.empty_like(x)
-            for (xc, yc, gc), out in zip(chunks, gx.split(_slice(x))):
-                g = torch.where(yc > 0, gc, 0).to(acc)
-                xhat = (xc.to(acc) - m) * s
-                out.copy_(scale * (g - dbeta.view(view) / n - xhat * dgamma.view(view) / n))
-        dw = dgamma.to(weight.dtype) if need_w else None
-        db = dbeta.to(weight.dtype) if need_b else None
-        return gx, dw, db, None, None, None, None
+        # autograd casts them to the parameters' dtype
+        return None, dgamma if ctx.needs_input_grad[1] else None, dbeta if ctx.needs_input_grad[2] else None, \
+            None, None, None, None
 
 
 def _slice(x: torch.Tensor) -> int:
@@ -79,8 +71,13 @@ class BatchNormReLU(nn.modules.batchnorm._BatchNorm):
     """``relu(BatchNorm(x))`` for x [B, C, ...] (any float dtype, any layout), one layer
     whose training-mode backward keeps x, the output and the batch statistics only (see
     the module's docstring). Outputs, gradients and running statistics are those of an
-    ``nn.BatchNorm{1,2,3}d`` followed by ``nn.ReLU``; in eval mode (running statistics) or
-    without autograd it runs exactly that pair."""
+    ``nn.BatchNorm{1,2,3}d`` followed by ``nn.ReLU``.
+
+    The lean backward applies when x needs no gradient: a node's first layer, whose input
+    is the previous node's detached output. When x needs one (a layer inside a node), the
+    pair runs as itself: its backward frees the ReLU's output before writing x's gradient,
+    which a layer that must keep the output until its own backward ends cannot. In eval
+    mode (running statistics) or without autograd it runs the pair too."""
 
     def _check_input_dim(self, x: torch.Tensor) -> None:
         if x.dim() < 2:
@@ -90,7 +87,7 @@ class BatchNormReLU(nn.modules.batchnorm._BatchNorm):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         self._check_input_dim(x)
         batch_stats = self.training or not self.track_running_stats
-        if not (batch_stats and torch.is_grad_enabled()):
+        if not (batch_stats and torch.is_grad_enabled()) or x.requires_grad:
             return torch.relu(super().forward(x))
         if x.shape[1] != self.num_features:
             raise ValueError(f"BatchNormReLU: expected {self.num_features} channels (dim 1), got shape "
