@@ -11,7 +11,7 @@ activations and gradients of the whole network are never held together.
 
 Importing localprop never initialises CUDA.
 """
-from . import checkpoint, exits, memory, objectives, ops, rules, zoo
+from . import checkpoint, exits, lean, memory, objectives, ops, rules, zoo
 from .engine import LocalSequential, Prediction
 from .graph import LocalGraph
 from .hooked import HookedNetwork
@@ -23,5 +23,5 @@ from .ops import BackendUnavailable
 __version__ = "0.1.0"
 
 __all__ = ["LocalSequential", "LocalGraph", "HookedNetwork", "LocalLinear", "ModuleNode", "Node", "Prediction",
-           "localize", "mlp", "mlp_nodes", "checkpoint", "exits", "memory", "objectives", "ops", "rules", "zoo",
+           "localize", "mlp", "mlp_nodes", "checkpoint", "exits", "lean", "memory", "objectives", "ops", "rules", "zoo",
            "BackendUnavailable", "__version__"]

@@ -48,11 +48,16 @@ def default_critic(shape: tuple[int, ...], num_classes: int, hidden: int = 64, p
     the cost of a conv layer of the block it reads): a critic's FLOPs are paid again at
     every exit it offers, and the separable one costs 1/3 + 1/C of the full one (3x3: 1/9
     + 1/C) while still passing the node a gradient at every position of its map, which
-    narrower or pooled critics do not (below). Measured on MNIST-1D's 8-node 1-D CNN (16
-    channels, lr 0.03, seeds 0-2, bench/rules/converge.py's training loop, exits chosen by
-    ``choose_exits`` on validation, test read at them): full critics 93.6% (test, full
-    model), 92.0% with exits at 0.49 of the FLOPs; separable 93.0%, 92.7% at 0.29;
-    Conv(C, C, 1) 92.4%, 91.6% at 0.35; Conv(C, C/4, 3) collapsed (27.6-74.9%).
+    narrower or pooled critics do not (below). Measured on MNIST-1D's 1-D CNN (16 channels,
+    3 seeds, bench/rules/converge.py, lr chosen on validation; test accuracy of the full
+    model): full critics 89.1 ± 5.1 / 93.6 ± 1.1 / 87.9 ± 3.8% at 4 / 8 / 16 nodes,
+    separable 90.1 ± 0.7 / 93.0 ± 0.6 / 91.0 ± 0.9%; with exits at 8 nodes
+    (bench/rules/progressive.py, thresholds per node chosen on validation) full critics
+    92.0% at 0.49 of the FLOPs, separable 92.7% at 0.29. Other critics tried in that
+    training loop (8 nodes, lr 0.03, seeds 0-2, exits as above): Conv(C, C, 1) 92.4%, 91.6%
+    with exits at 0.35; Conv(C, C/2, 3) 91.9%, 90.6% at 0.43; Conv(C, C/4, 3) collapsed on
+    every seed (27.6-74.9%): a node learns through its critic, and a narrow one passes it a
+    gradient of rank C/4.
 
     ``pooled=P``: the convolution runs on a P (x P) average-pooled map instead of at the
     features' resolution, for cheaper exits (``Critic(critic=functools.partial(default_critic,
