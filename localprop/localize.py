@@ -11,12 +11,12 @@ import torch
 from torch import nn
 
 from . import memory, rules, trace
-from .lean import lean_layers
 from .engine import LocalSequential, OptimizerFactory
 from .hooked import HookedNetwork
+from .lean import lean_layers
 
 
-#: parameter-free layers that shrink a map: with balance="memory" they start a node (see units)
+#: parameter-free layers that shrink a map: with balance="memory" they may start a node (see units)
 POOLS = (nn.MaxPool1d, nn.MaxPool2d, nn.MaxPool3d, nn.AvgPool1d, nn.AvgPool2d, nn.AvgPool3d,
          nn.AdaptiveMaxPool1d, nn.AdaptiveMaxPool2d, nn.AdaptiveMaxPool3d, nn.AdaptiveAvgPool1d,
          nn.AdaptiveAvgPool2d, nn.AdaptiveAvgPool3d)
@@ -34,10 +34,10 @@ def units(children: Sequence[nn.Module], pool_first: bool = False) -> list[list[
     parameters joins the one before."""
     groups: list[list[nn.Module]] = []
     for child in children:
-        has_params = any(True for _ in child.parameters())
+        starts = any(True for _ in child.parameters()) or (pool_first and isinstance(child, POOLS))
+        # a unit that has no parameters yet (a pool that began it) takes what follows
         open_unit = bool(groups) and not any(True for m in groups[-1] for _ in m.parameters())
-        if (has_params and groups and not open_unit) or (pool_first and isinstance(child, POOLS) and groups
-                                                         and not open_unit):
+        if starts and groups and not open_unit:
             groups.append([child])
         elif groups:
             groups[-1].append(child)

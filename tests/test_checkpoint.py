@@ -32,19 +32,23 @@ def small(rule="greedy", width=16, optimizer=None, seed=0):
     return net
 
 
-def assert_same(a, b, where="state"):
-    """Equal nested state: tensors bit for bit, everything else by ==."""
+def assert_same(a, b, where="state", atol=0.0):
+    """Equal nested state: tensors bit for bit (or within ``atol``), everything else by ==."""
     assert type(a) is type(b), where
     if isinstance(a, dict):
         assert a.keys() == b.keys(), where
         for key in a:
-            assert_same(a[key], b[key], f"{where}[{key!r}]")
+            assert_same(a[key], b[key], f"{where}[{key!r}]", atol)
     elif isinstance(a, (list, tuple)):
         assert len(a) == len(b), where
         for k, (x, y) in enumerate(zip(a, b)):
-            assert_same(x, y, f"{where}[{k}]")
+            assert_same(x, y, f"{where}[{k}]", atol)
     elif isinstance(a, torch.Tensor):
-        assert a.dtype == b.dtype and torch.equal(a, b), where
+        assert a.dtype == b.dtype, where
+        if atol:
+            torch.testing.assert_close(a, b, rtol=0, atol=atol, msg=where)
+        else:
+            assert torch.equal(a, b), where
     else:
         assert a == b, where
 

@@ -10,6 +10,7 @@ import localprop as lp
 from localprop import memory
 from localprop.lean import SLICES, BatchNormReLU, lean_layers
 from tests.ops.cases import assert_matches
+from tests.test_checkpoint import assert_same
 
 F32, F64 = torch.float32, torch.float64
 #: (BatchNorm class, input shape [B, C, ...]): odd sizes, a batch not a multiple of SLICES
@@ -126,22 +127,6 @@ def cnn():
                          nn.Linear(6 * 4 * 4, 5))
 
 
-def same(a, b, where: str) -> None:
-    """a and b hold the same keys and values, tensors within 1e-12 (float64 steps)."""
-    if isinstance(a, dict):
-        assert list(a) == list(b), where
-        for k in a:
-            same(a[k], b[k], f"{where}.{k}")
-    elif isinstance(a, (list, tuple)):
-        assert len(a) == len(b), where
-        for i, (p, q) in enumerate(zip(a, b)):
-            same(p, q, f"{where}[{i}]")
-    elif isinstance(a, torch.Tensor):
-        torch.testing.assert_close(a, b, rtol=0, atol=1e-12, msg=where)
-    else:
-        assert a == b, where
-
-
 def test_localize_lean_trains_as_the_plain_network():
     """Three greedy steps in float64: the same parameters and running statistics, and the
     user's model holds them (shared tensors), under the same state_dict keys."""
@@ -156,8 +141,8 @@ def test_localize_lean_trains_as_the_plain_network():
             net.train_step(x, y)
         nets[lean] = (net, model)
     (plain, plain_model), (lean, lean_model) = nets[False], nets[True]
-    same(plain.state_dict(), lean.state_dict(), "net")
-    same(plain_model.state_dict(), lean_model.state_dict(), "model")
+    assert_same(plain.state_dict(), lean.state_dict(), "net", atol=1e-12)
+    assert_same(plain_model.state_dict(), lean_model.state_dict(), "model", atol=1e-12)
     assert lean_model[1].running_mean.abs().sum() > 0  # the statistics moved, in the user's model too
 
 
