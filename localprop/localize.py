@@ -157,9 +157,12 @@ def _dry_run(block: nn.Module, device: torch.device) -> Iterator[None]:
 
 def _measure(block: nn.Module, u: torch.Tensor, balance: str) -> float:
     """``block``'s forward-and-backward cost on input u for ``balance`` ("memory": bytes, "time": s)."""
-    def step() -> None:  # a full output gradient, as a head's or the next node's would be
+    # the output's gradient as sum's (an expanded scalar, no allocation): a head's is freed
+    # once the last layer's backward has used it, while a full tensor given to backward()
+    # would stay alive through the whole backward and count one map too many
+    def step() -> None:
         out = block(u)
-        out.backward(torch.ones_like(out))
+        out.float().sum().backward()
 
     with _dry_run(block, u.device):
         step()  # warm-up: lazily allocated state is not the part's cost
@@ -331,8 +334,7 @@ def _memory_parts(children: list[nn.Module], nodes: int, example: torch.Tensor |
 
 def _refine(parts: list[list[nn.Module]], counts: list[int], example: torch.Tensor) -> tuple[list[int], float]:
     """(counts, largest peak): ``counts`` after moving node boundaries one part at a time
-    while that lowers the largest measured group peak (or, at the same largest, the pair's),
-    and that peak. Each group is measured once on a dry run (:func:`_measure`); the inputs
+    while that lowers the largest measured group peak, and that peak. Each group is measured once on a dry run (:func:`_measure`); the inputs
     of every part are kept for it (a forward's outputs at ``example``'s batch, no autograd)."""
     inputs, h = [], example
     for part in parts:
@@ -361,7 +363,7 @@ def _refine(parts: list[list[nn.Module]], counts: list[int], example: torch.Tens
                 if not trial[k - 1] < trial[k] < trial[k + 1]:
                     continue
                 old, new = peaks(cuts), peaks(trial)
-                if (max(new), max(new[k - 1:k + 1])) < (max(old), max(old[k - 1:k + 1])):
+                if max(new) < max(old):
                     cuts, changed = trial, True
     return [b - a for a, b in zip(cuts, cuts[1:])], max(peaks(cuts))
 
