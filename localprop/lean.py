@@ -83,15 +83,15 @@ class BatchNormReLU(nn.modules.batchnorm._BatchNorm):
         if x.dim() < 2:
             raise ValueError(f"BatchNormReLU: expected an input [B, C, ...] with C = {self.num_features}, got "
                              f"shape {list(x.shape)}")
+        if x.shape[1] != self.num_features:
+            raise ValueError(f"BatchNormReLU: expected {self.num_features} channels (dim 1), got shape "
+                             f"{list(x.shape)}")
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         self._check_input_dim(x)
         batch_stats = self.training or not self.track_running_stats
         if not (batch_stats and torch.is_grad_enabled()) or x.requires_grad:
             return torch.relu(super().forward(x))
-        if x.shape[1] != self.num_features:
-            raise ValueError(f"BatchNormReLU: expected {self.num_features} channels (dim 1), got shape "
-                             f"{list(x.shape)}")
         if x.numel() == x.shape[1]:  # as nn.BatchNorm: no variance from one value per channel
             raise ValueError(f"BatchNormReLU: expected more than 1 value per channel when training, got input "
                              f"shape {list(x.shape)}")

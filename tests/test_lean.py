@@ -101,8 +101,9 @@ def test_eval_mode_and_no_grad_run_the_pair():
 
 def test_bad_input_is_a_clear_error():
     lean = BatchNormReLU(4)
-    with pytest.raises(ValueError, match="BatchNormReLU: expected 4 channels \\(dim 1\\), got shape \\[2, 3, 5\\]"):
-        lean(torch.randn(2, 3, 5))
+    for x in (torch.randn(2, 3, 5), torch.randn(2, 3, 5, requires_grad=True)):  # the lean path and the pair's
+        with pytest.raises(ValueError, match="BatchNormReLU: expected 4 channels \\(dim 1\\), got shape \\[2, 3, 5\\]"):
+            lean(x)
     with pytest.raises(ValueError, match="more than 1 value per channel when training, got input shape \\[1, 4\\]"):
         lean(torch.randn(1, 4))
     with pytest.raises(ValueError, match="expected an input \\[B, C, ...\\]"):
