@@ -12,7 +12,8 @@ batch 128).
 
 ``--lean``: the local networks (and a bp row beside the plain one) built with
 ``localize(..., lean=True)``: each BatchNorm + ReLU as one localprop.lean.BatchNormReLU,
-whose backward keeps one activation fewer. The ratios stay against the plain bp.
+whose backward keeps one activation fewer at the start of a node. The ratios stay against
+the plain bp.
 
 Rows go to bench/results/balance_memory.csv.
 """
