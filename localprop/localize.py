@@ -125,13 +125,18 @@ def part_costs(parts: Sequence[list[nn.Module]], balance: str, example: torch.Te
         return [float(sum(p.numel() for m in part for p in m.parameters())) for part in parts]
     if example is None:
         raise ValueError(f"localize(balance={balance!r}) measures each block on a dry run: give example_input")
-    costs, h = [], example
+    return [_measure(block, u, balance) for block, u in _dry_inputs(parts, example)]
+
+
+def _dry_inputs(parts: Sequence[list[nn.Module]], example: torch.Tensor) -> Iterator[tuple[nn.Module, torch.Tensor]]:
+    """Each part as one module with its input, on a dry run through the parts on
+    ``example`` (no autograd; see :func:`_dry_run`)."""
+    h = example
     for part in parts:
         block = nn.Sequential(*part)
-        costs.append(_measure(block, h, balance))
+        yield block, h
         with torch.no_grad(), _dry_run(block, h.device):
             h = block(h)
-    return costs
 
 
 @contextlib.contextmanager
@@ -334,14 +339,10 @@ def _memory_parts(children: list[nn.Module], nodes: int, example: torch.Tensor |
 
 def _refine(parts: list[list[nn.Module]], counts: list[int], example: torch.Tensor) -> tuple[list[int], float]:
     """(counts, largest peak): ``counts`` after moving node boundaries one part at a time
-    while that lowers the largest measured group peak, and that peak. Each group is measured once on a dry run (:func:`_measure`); the inputs
-    of every part are kept for it (a forward's outputs at ``example``'s batch, no autograd)."""
-    inputs, h = [], example
-    for part in parts:
-        inputs.append(h)
-        block = nn.Sequential(*part)
-        with torch.no_grad(), _dry_run(block, h.device):
-            h = block(h)
+    while that lowers the largest measured group peak, and that peak. Each group is
+    measured once on a dry run (:func:`_measure`); the inputs of every part are kept for
+    it (a forward's outputs at ``example``'s batch, no autograd)."""
+    inputs = [u for _, u in _dry_inputs(parts, example)]
     cache: dict[tuple[int, int], float] = {}
 
     def peak(i: int, j: int) -> float:  # the group's input is alive through its step too
