@@ -49,6 +49,8 @@ SPECS = {
     "locprop_time_to_target": Spec("rule", ("seconds_median", "steps_median")),
     "memory_rss": Spec("rule", ("allocator_mib", "rss_mib", "rss_over_allocator")),
     "real_models": Spec("rule", ("peak_mib", "resident_mib", "step_s", "time_vs_bp", "memory_vs_bp")),
+    "step_in_backward": Spec("run", ("peak_mib",), case="model", ratios={"peak_mib": "ratio_greedy"},
+                             baseline="greedy"),
     "rules_converged": Spec("rule", ("acc_mean", "acc_std", "val_mean", "epochs_mean", "epochs_max",
                                      "best_epoch_mean", "diverged", "s_per_epoch")),
     "progressive": Spec("rule", ("full_acc", "exit_acc", "exit_acc_std", "flops_fraction", "flops_std",

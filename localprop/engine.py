@@ -83,6 +83,14 @@ class LocalSequential(Network):
             node (its parameters and its head's) under local rules, over the whole network
             under bp; on fused nodes computed inside the update, without materialising dW
             when the batch is the smaller side (default None: no clipping).
+        step_in_backward: in a node's local backward, each parameter steps as soon as its
+            gradient is accumulated and frees it, so the node never holds all of its
+            gradients at once (a lower peak where they are large beside the activations);
+            the same update for the per-parameter optimizers of torch.optim (SGD, Adam,
+            AdamW, ...: :data:`localprop.optim.PER_PARAMETER`; others are a ValueError),
+            not with ``max_grad_norm``. Global steps (bp, pgl's) and steps that add several
+            backward passes (sgr's finite differences) step after their backward as
+            before; fused nodes hold no gradient to free (default False).
 
     Networks whose nodes all have known shapes (LocalLinear) are built at once; others
     are built by :meth:`build` or on the first batch, by a dry run.
@@ -92,8 +100,9 @@ class LocalSequential(Network):
                  loss: str | objectives.Objective | Callable | None = None,
                  heads: str | HeadFactory | None = None, optimizer: OptimizerFactory | None = None,
                  backend: str | None = None, check_finite: bool = True,
-                 variable_dims: tuple[int, ...] | None = None, max_grad_norm: float | None = None) -> None:
-        super().__init__(rule, optimizer, backend, check_finite, max_grad_norm)
+                 variable_dims: tuple[int, ...] | None = None, max_grad_norm: float | None = None,
+                 step_in_backward: bool = False) -> None:
+        super().__init__(rule, optimizer, backend, check_finite, max_grad_norm, step_in_backward)
         if not nodes:
             raise ValueError("LocalSequential needs at least one node")
         if num_classes is not None and (not isinstance(num_classes, int) or num_classes < 2):

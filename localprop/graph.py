@@ -28,12 +28,13 @@ class LocalGraph(Network):
     mismatches between connected nodes and goals on missing nodes are errors.
 
     Args:
-        rule, optimizer, backend, check_finite, max_grad_norm: as in :class:`~localprop.LocalSequential`.
+        rule, optimizer, backend, check_finite, max_grad_norm, step_in_backward: as in :class:`~localprop.LocalSequential`.
     """
 
     def __init__(self, rule: str | rules.Rule = "locprop", optimizer: OptimizerFactory | None = None,
-                 backend: str | None = None, check_finite: bool = True, max_grad_norm: float | None = None) -> None:
-        super().__init__(rule, optimizer, backend, check_finite, max_grad_norm)
+                 backend: str | None = None, check_finite: bool = True, max_grad_norm: float | None = None,
+                 step_in_backward: bool = False) -> None:
+        super().__init__(rule, optimizer, backend, check_finite, max_grad_norm, step_in_backward)
         if not self.rule.graphs:
             raise ValueError(f"rule {self.rule.name!r} trains chains only; use LocalSequential, or a rule "
                              "that supports graphs (locprop, bp)")

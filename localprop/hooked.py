@@ -34,7 +34,7 @@ from typing import Callable, Sequence
 import torch
 from torch import nn
 
-from . import objectives, rules
+from . import objectives, optim, rules
 from .engine import Prediction, _eval_mode, _head_factory, _shorter, _shorter_inputs
 from .errors import LABEL_DTYPES, check_finite, check_parameters
 from .heads import HeadFactory
@@ -66,7 +66,8 @@ class HookedNetwork(Network):
             the order the model's forward calls them (K - 1 names for K nodes).
         rule: "greedy" (default), "bp", "pgl" (global steps end-to-end backprop of the
             whole model, not checkpointed) or such a Rule.
-        loss, num_classes, heads, optimizer, check_finite, max_grad_norm, variable_dims: as
+        loss, num_classes, heads, optimizer, check_finite, max_grad_norm, variable_dims,
+            step_in_backward: as
             in :class:`~localprop.LocalSequential`.
         output: how to read the model's output tensor from what its forward returns:
             None (a tensor as is; a mapping's "logits", as HuggingFace's outputs hold it;
@@ -80,8 +81,8 @@ class HookedNetwork(Network):
                  loss=None, num_classes: int | None = None, heads: str | HeadFactory | None = None,
                  optimizer: OptimizerFactory | None = None, check_finite: bool = True,
                  max_grad_norm: float | None = None, variable_dims: tuple[int, ...] | None = None,
-                 output: Callable | None = None) -> None:
-        super().__init__(_hooked_rule(rule), optimizer, None, check_finite, max_grad_norm)
+                 output: Callable | None = None, step_in_backward: bool = False) -> None:
+        super().__init__(_hooked_rule(rule), optimizer, None, check_finite, max_grad_norm, step_in_backward)
         modules = dict(model.named_modules())
         for name in starts:
             if name not in modules or not name:
@@ -167,6 +168,9 @@ class HookedNetwork(Network):
                 self.heads.append(head if like is None else head.to(device=like.device, dtype=like.dtype))
         self._optimizers = [self.optimizer_factory(params) if (params := self._node_parameters(k)) else None
                             for k in range(len(self.starts) + 1)]
+        for k, optimizer in enumerate(self._optimizers):
+            if self.step_in_backward and optimizer is not None:
+                optim.check_per_parameter(optimizer, str(k))
         self.built = True
         return self
 
@@ -287,10 +291,16 @@ class HookedNetwork(Network):
         one step of its optimizer (clipped first with max_grad_norm), gradients freed."""
         if self.check_finite:
             check_finite(loss, str(k), step, "loss")
-        wrt = self._backward_inputs()[k]
+        wrt, optimizer = self._backward_inputs()[k], self._optimizers[k]
+        if self.step_in_backward and optimizer is not None:
+            with optim.stepping_in_backward(optimizer):
+                if wrt:
+                    torch.autograd.backward(loss, inputs=wrt)
+            if self.check_finite:
+                check_parameters([p for g in optimizer.param_groups for p in g["params"]], self, str(k), step)
+            return float(loss.detach())
         if wrt:
             torch.autograd.backward(loss, inputs=wrt)
-        optimizer = self._optimizers[k]
         if optimizer is not None:
             self._step_optimizer(k, optimizer, step)
         return float(loss.detach())

@@ -190,7 +190,7 @@ def localize(model: nn.Module | Sequence[nn.Module], rule: str | rules.Rule = "g
              backend: str | None = None, example_input: torch.Tensor | None = None, balance: str = "count",
              check_finite: bool = True, variable_dims: tuple[int, ...] | None = None,
              checkpoint: bool = False, max_grad_norm: float | None = None, hooks: bool = False,
-             output=None, lean: bool = False) -> LocalSequential | HookedNetwork:
+             output=None, lean: bool = False, step_in_backward: bool = False) -> LocalSequential | HookedNetwork:
     """Make ``model`` a chain of nodes that learn locally; its own modules are trained in
     place (after training, ``model`` is the trained model).
 
@@ -213,7 +213,8 @@ def localize(model: nn.Module | Sequence[nn.Module], rule: str | rules.Rule = "g
 
     Args:
         model: the model: any ``nn.Module``, an ``nn.Sequential`` or a list of blocks.
-        rule, loss, num_classes, heads, optimizer, backend, check_finite, variable_dims, max_grad_norm: as
+        rule, loss, num_classes, heads, optimizer, backend, check_finite, variable_dims, max_grad_norm,
+            step_in_backward: as
             in :class:`LocalSequential` (``loss`` e.g. "mse" or a callable; ``num_classes``
             is inferred from the model's output).
         nodes: K, group the blocks into K contiguous, balanced nodes (default: one per block).
@@ -254,7 +255,7 @@ def localize(model: nn.Module | Sequence[nn.Module], rule: str | rules.Rule = "g
         raise ValueError(f"localize: balance must be one of {', '.join(BALANCES)}, got {balance!r}")
     common = {"rule": rule, "num_classes": num_classes, "loss": loss, "heads": heads, "optimizer": optimizer,
               "backend": backend, "check_finite": check_finite, "variable_dims": variable_dims,
-              "max_grad_norm": max_grad_norm}
+              "max_grad_norm": max_grad_norm, "step_in_backward": step_in_backward}
     listed = isinstance(model, (list, tuple, nn.ModuleList))
     blocks = listed or (isinstance(model, nn.Sequential) and split_points is None and block is None and not inputs)
     if lean and (hooks or not blocks):

@@ -33,7 +33,7 @@ class Network(nn.Module, abc.ABC):
     """
 
     def __init__(self, rule: str | rules.Rule, optimizer: OptimizerFactory | None, backend: str | None,
-                 check_finite: bool, max_grad_norm: float | None = None) -> None:
+                 check_finite: bool, max_grad_norm: float | None = None, step_in_backward: bool = False) -> None:
         super().__init__()
         self.rule = rules.resolve(rule)
         self.optimizer_factory = optimizer or DEFAULT_OPTIMIZER
@@ -41,6 +41,11 @@ class Network(nn.Module, abc.ABC):
         self.check_finite = check_finite
         self.max_grad_norm = None if max_grad_norm is None else \
             check_float(type(self).__name__, "max_grad_norm", max_grad_norm, 0, open_low=True)
+        if step_in_backward and max_grad_norm is not None:
+            raise ValueError(f"{type(self).__name__}: step_in_backward=True steps each parameter before the "
+                             f"others' gradients exist, so their norm cannot be clipped (max_grad_norm="
+                             f"{max_grad_norm}); use one or the other")
+        self.step_in_backward = bool(step_in_backward)
         self.steps = 0
         self.built = False
         self._backend_for: dict[torch.device, str] = {}
@@ -77,10 +82,13 @@ class Network(nn.Module, abc.ABC):
         order = self.topology().order
         for node in order:
             node.check_finite, node.max_grad_norm = self.check_finite, self.max_grad_norm
+            node.step_in_backward = self.step_in_backward
         self.rule.attach(self)
         for node in order:
             params = self.rule.node_parameters(node)
             node.optimizer = self.optimizer_factory(params) if params else None
+            if self.step_in_backward and node.optimizer is not None:
+                optim.check_per_parameter(node.optimizer, node.name)
         self.built = True
         self._check_backend_dtypes()
 

@@ -20,7 +20,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from . import objectives, ops
+from . import objectives, ops, optim
 from .errors import check_finite, check_parameters
 from .ops import activation as act
 
@@ -79,6 +79,9 @@ class Node(nn.Module):
         #: clip the gradient of each step (the node's and its head's parameters together) to
         #: this norm, as torch.nn.utils.clip_grad_norm_ does; None: no clipping
         self.max_grad_norm: float | None = None
+        #: each parameter steps as its gradient arrives in the node's backward (see
+        #: localprop.optim.stepping_in_backward), never holding all gradients at once
+        self.step_in_backward = False
         #: what ``labels=`` targets are scored with (the network's objective, set when it builds)
         self.objective: objectives.Objective = objectives.CrossEntropy()
         self.input_shape: tuple[int, ...] | None = None   #: per-sample shape it expects
@@ -118,8 +121,7 @@ class Node(nn.Module):
             h = self(u)
             if self.check_finite:
                 check_finite(grad, self.name, step, "output gradient")
-            h.backward(grad)
-            self.step_optimizer(step)
+            self._backward_and_step(lambda: h.backward(grad), step)
             return LocalStep(h.detach(), None, u.grad if input_grad else None, grad if output_grad else None)
         with _twice_differentiable() if exact else contextlib.nullcontext():
             h = self(u)
@@ -179,9 +181,22 @@ class Node(nn.Module):
         parameter non-finite."""
         if self.check_finite:
             check_finite(loss, self.name, step, "loss")
-        loss.backward()
         if optimizer_step:
+            self._backward_and_step(loss.backward, step)
+        else:
+            loss.backward()
+
+    def _backward_and_step(self, backward: Callable[[], None], step: int) -> None:
+        """``backward()``, then one step of the node's optimizer (:meth:`step_optimizer`);
+        with ``step_in_backward``, each parameter steps and frees its gradient during the
+        backward, checked as after a step."""
+        if not self.step_in_backward:
+            backward()
             self.step_optimizer(step)
+            return
+        with optim.stepping_in_backward(self.optimizer):
+            backward()
+        self.check_update(self.optimized_parameters(), step)
 
     def step_optimizer(self, step: int) -> None:
         """One step of the node's optimizer on the gradients in ``.grad``, which are then
