@@ -227,7 +227,7 @@ def row(model, depth, rule, lr, runs, ok, scored, ctx) -> dict:
             "sweep": ",".join(f"{k:g}:{100 * v:.1f}" if v >= 0 else f"{k:g}:diverged" for k, v in scored.items()),
             "seeds": len(runs), "sweep_seeds": min(ctx["sweep_seeds"], ctx["seeds"]), "batch": BATCH,
             "cap": CAP[model], "patience": ctx["patience"],
-            "drops": ctx["drops"], "acc_mean": statistics.mean(tests), "acc_std": statistics.pstdev(tests),
+            "drops": ctx["drops"], "acc_mean": statistics.mean(tests), "acc_std": statistics.pstdev(tests) if ok else float("nan"),
             "val_mean": statistics.mean(vals), "epochs_mean": statistics.mean(epochs),
             "epochs_max": max(epochs), "best_epoch_mean": statistics.mean([r.best + 1 for r in ok] or [0]),
             "diverged": len(runs) - len(ok),
