@@ -5,7 +5,7 @@ import contextlib
 import itertools
 import statistics
 import time
-from typing import Iterator, Sequence
+from typing import Callable, Iterator, Sequence
 
 import torch
 from torch import nn
@@ -52,16 +52,18 @@ def units(children: Sequence[nn.Module], pool_first: bool = False) -> list[list[
 BALANCES = ("count", "params", "memory", "time")
 
 
-def group_counts(blocks: int, nodes: int, costs: Sequence[float] | None = None) -> list[int]:
+def group_counts(blocks: int, nodes: int, costs: Sequence[float] | None = None,
+                 group_cost: Callable[[int, int], float] | None = None) -> list[int]:
     """How many of ``blocks`` consecutive blocks each of ``nodes`` groups takes. Without
     ``costs``, counts that differ by at most one (earlier groups take the extra); with a
-    cost per block, the contiguous split whose largest summed cost is smallest."""
+    cost per block, the contiguous split whose largest summed cost (or ``group_cost(j,
+    k)`` of blocks j..k-1) is smallest."""
     if costs is None:
         size, extra = divmod(blocks, nodes)
         return [size + (k < extra) for k in range(nodes)]
     from .distributed.partition import partition  # the same contiguous min-max split as the pipeline's
 
-    return partition(list(costs), nodes)
+    return partition(list(costs), nodes, group_cost)
 
 
 def split_balanced(parts: Sequence[list[nn.Module]], nodes: int, costs: Sequence[float] | None = None,
@@ -383,8 +385,11 @@ def _localize_traced(model, nodes, split_points, block, inputs, balance, example
     else:
         blocks = _called(model, blocks, inputs)
         count = _node_count(model, blocks, nodes)
-        costs = _block_costs(model, blocks, inputs, balance, example_input) if count < len(blocks) else None
-        starts = _starts(blocks, count, costs)
+        if balance == "memory" and (count < len(blocks) or nodes is not None):
+            starts = _memory_starts(model, blocks, inputs, count, example_input, checkpoint)
+        else:
+            costs = _block_costs(model, blocks, inputs, balance, example_input) if count < len(blocks) else None
+            starts = _starts(blocks, count, costs)
         leaves = blocks
     cut = trace.split(model, starts, leaves, inputs, checkpoint)
     net = LocalSequential(*cut.nodes, **common)
@@ -431,23 +436,64 @@ def _starts(blocks: list[str], count: int, costs: list[float] | None) -> list[st
 
 def _block_costs(model, blocks, inputs, balance, example) -> list[float] | None:
     """A cost per block for ``balance`` (see :func:`part_costs`): parameters, or measured on
-    a dry run through the model cut at every block."""
+    a dry run through the model cut at every block (the code before the first block
+    counted with it)."""
     if balance == "count":
         return None
     modules = dict(model.named_modules())
     if balance == "params":
         return [float(sum(p.numel() for p in modules[b].parameters())) for b in blocks]
+    return [cost for cost, _ in _traced_costs(model, blocks[1:], blocks, inputs, balance, example)]
+
+
+def _memory_starts(model, blocks, inputs, count, example, checkpoint) -> list[str]:
+    """The blocks that start nodes 1..count-1 for balance="memory". The units are the
+    blocks and, when it has parameters, the code before the first one (a stem), measured
+    each on a dry run. A node's peak is estimated as its units' summed costs, or with
+    ``checkpoint`` (a node of several units recomputes one at a time) as its costliest
+    unit's plus the inputs it keeps of the others. Two splits of least largest estimate
+    are candidates: with the stem joining the first block (its cost added to the block's)
+    and with the stem free to be a node alone; the estimates only approximate a node's
+    peak, so where the two differ their nodes are measured and the lower largest peak wins."""
+    stem = trace.split(model, blocks[:1], blocks, inputs).nodes[0]
+    if not any(True for _ in stem.parameters()):
+        return _estimated_starts(*zip(*_traced_costs(model, blocks[1:], blocks, inputs, "memory", example)),
+                                 blocks, count, checkpoint)
+    costs, held = zip(*_traced_costs(model, blocks, blocks, inputs, "memory", example))
+    joined = _estimated_starts((costs[0] + costs[1], *costs[2:]), held[1:], blocks, count, checkpoint)
+    alone = _estimated_starts(costs, held, [None, *blocks], count, checkpoint)
+    if joined == alone:
+        return joined
+    peaks = [max(c + b for c, b in _traced_costs(model, starts, blocks, inputs, "memory", example, checkpoint))
+             for starts in (joined, alone)]
+    return joined if peaks[0] <= peaks[1] else alone
+
+
+def _estimated_starts(costs, held, units, count, checkpoint) -> list[str]:
+    """The starts of the split of ``units`` (their names; None: the stem) with a cost and
+    the bytes of its input each, whose largest estimated node peak is least (see
+    :func:`_memory_starts`)."""
+    def peak(j: int, k: int) -> float:
+        if checkpoint and k - j > 1:
+            return max(costs[j:k]) + sum(held[j + 1:k])
+        return sum(costs[j:k])
+    return [units[i] for i in itertools.accumulate(group_counts(len(units), count, costs, peak)[:-1])]
+
+
+def _traced_costs(model, starts, blocks, inputs, balance, example, checkpoint=False) -> list[tuple[float, int]]:
+    """(cost for ``balance``, input bytes) of each node of ``model`` cut at ``starts``
+    (checkpointed inside with ``checkpoint``), on a dry run from ``example``."""
     if example is None:
         raise ValueError(f"localize(balance={balance!r}) measures each block on a dry run: give example_input")
-    cut = trace.split(model, blocks[1:], blocks, inputs)
+    cut = trace.split(model, starts, blocks, inputs, checkpoint)
     values = dict(cut.defaults)
-    costs, h = [], example
+    out, h = [], example
     for node in cut.nodes:
         node.values = values
-        costs.append(_measure(node, h, balance))
+        out.append((_measure(node, h, balance), memory.tensor_bytes([h])))
         with torch.no_grad(), _dry_run(node, h.device):
             h = node(h)
-    return costs
+    return out
 
 
 def _related(a: str, b: str) -> bool:

@@ -237,7 +237,9 @@ def _check_activation(n: fx.Node, home: int, users: list[int], part, activation:
 def _node(gm: fx.GraphModule, part, k: int, count: int, crossing: _Crossing, label: str,
           recompute: set[str]) -> TracedNode:
     """Node k as a standalone GraphModule: (u, *reads) -> h or (h, *writes); the calls of
-    the modules in ``recompute`` checkpointed."""
+    the modules in ``recompute`` checkpointed, unless that makes one segment: recomputing
+    a node's whole forward at once holds the same activations in its backward as keeping
+    them, and its output twice (the kept one and the recomputed one)."""
     graph, env = fx.Graph(), {}
     source = next(n for n in gm.graph.nodes if n.op == "placeholder") if k == 0 else crossing.activation[k]
     env[source] = graph.placeholder("u")
@@ -268,6 +270,8 @@ def _node(gm: fx.GraphModule, part, k: int, count: int, crossing: _Crossing, lab
     block = fx.GraphModule(gm, graph)
     if recompute:
         _checkpoint_between(block)
+        if sum(n.op == "call_function" and n.target is checkpointed for n in block.graph.nodes) < 2:
+            return _node(gm, part, k, count, crossing, label, set())
     return TracedNode(block, [_value_name(n) for n in reads], [_value_name(n) for n in writes], label)
 
 

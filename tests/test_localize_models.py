@@ -458,3 +458,40 @@ def test_a_copy_of_a_checkpointed_node_runs_its_own_modules():
     assert all(torch.equal(a, b) for a, b in zip(before, net.parameters()))
     net.train_step(x, y)
     assert all(torch.equal(a, b) for a, b in zip(net.parameters(), twin.parameters()))
+
+
+def test_a_node_of_one_block_is_not_recomputed():
+    """checkpoint=True on a node that would recompute one segment (a block alone) leaves
+    it as it is: recomputing its whole forward holds the same activations and its output
+    twice. Nodes of several segments are checkpointed."""
+    x, y = images(8)
+    torch.manual_seed(0)
+    plain = lp.localize(small_resnet(), split_points=["layer1.1", "layer2.0"]).build(x)
+    torch.manual_seed(0)
+    net = lp.localize(small_resnet(), split_points=["layer1.1", "layer2.0"], checkpoint=True).build(x)
+    calls = [sum(n.op == "call_function" and n.target is trace.checkpointed for n in node.block.graph.nodes)
+             for node in net.nodes]
+    assert calls == [2, 0, 7]  # stem + layer1.0; layer1.1 alone; 6 blocks + the classifier
+    alone = [lp.memory.node_peaks(n, lp.memory.timeline(n, x, y))[1] for n in (plain, net)]
+    assert alone[0] == alone[1]
+
+
+def test_memory_balance_with_checkpointing_may_give_the_stem_a_node_alone():
+    """A ResNet's stem works at full resolution like the first blocks: with checkpointing,
+    a node of the stem and the first block holds the block's recomputation plus the kept
+    stem output, so balance="memory" makes the stem a node of its own when that measures
+    lower than every split with the stem joined to the first block."""
+    g = torch.Generator().manual_seed(0)
+    x, y = torch.randn(16, 3, 32, 32, generator=g), torch.randint(0, 10, (16,), generator=g)
+
+    def peak(**cut):
+        torch.manual_seed(0)
+        net = lp.localize(zoo.resnet18(width=8), checkpoint=True, example_input=x, **cut)
+        return [n.label for n in net.nodes], lp.memory.measure_step(net, x, y).peak_bytes
+
+    labels, balanced = peak(nodes=4, balance="memory")
+    assert labels[1] == "from 'layer1.0'"
+    joined = [peak(split_points=starts)[1] for starts in
+              (["layer1.1", "layer2.0", "layer2.1"], ["layer1.1", "layer2.0", "layer3.0"],
+               ["layer2.0", "layer2.1", "layer3.0"])]
+    assert balanced < min(joined)

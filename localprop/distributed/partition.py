@@ -6,6 +6,7 @@ import copy
 import math
 import statistics
 import time
+from typing import Callable
 
 import torch
 
@@ -46,14 +47,17 @@ def node_flops(net) -> list[int]:
     return [3 * (n + h) for n, h in zip(flops.nodes, flops.heads)]
 
 
-def partition(costs: list[float], ranks: int) -> list[int]:
-    """Node counts per rank (contiguous, each >= 1) minimising the largest summed cost."""
+def partition(costs: list[float], ranks: int, group_cost: Callable[[int, int], float] | None = None) -> list[int]:
+    """Node counts per rank (contiguous, each >= 1) minimising the largest group cost: the
+    summed cost of its nodes, or ``group_cost(j, k)`` of nodes j..k-1 where costs do not
+    add up (a checkpointed group's peak)."""
     K = len(costs)
     if not 1 <= ranks <= K:
         raise ValueError(f"cannot split {K} nodes over {ranks} ranks: every rank needs at least one node")
     prefix = [0.0]
     for c in costs:
         prefix.append(prefix[-1] + c)
+    group_cost = group_cost or (lambda j, k: prefix[k] - prefix[j])
     # best[r][k]: the smallest slowest-stage cost of nodes 0..k-1 over r stages; cut[r][k]: last cut
     best = [[math.inf] * (K + 1) for _ in range(ranks + 1)]
     cut = [[0] * (K + 1) for _ in range(ranks + 1)]
@@ -61,7 +65,7 @@ def partition(costs: list[float], ranks: int) -> list[int]:
     for r in range(1, ranks + 1):
         for k in range(r, K - (ranks - r) + 1):
             for j in range(r - 1, k):
-                cost = max(best[r - 1][j], prefix[k] - prefix[j])
+                cost = max(best[r - 1][j], group_cost(j, k))
                 if cost < best[r][k]:
                     best[r][k], cut[r][k] = cost, j
     counts, k = [], K
