@@ -109,8 +109,9 @@ def build(factory, rule, k, balance, checkpoint, x, device, hooked=False):
         if checkpoint:
             model.activation_checkpointing_enable()
         return lp.localize(model, rule, nodes=k, hooks=True, optimizer=SGD)
+    # the memory balance measures at the batch it is given: the step's own, whose peaks it is to balance
     return lp.localize(model, rule, nodes=k, balance=balance, checkpoint=checkpoint, optimizer=SGD,
-                       example_input=x[:8] if balance != "count" else None)
+                       example_input=x if balance != "count" else None)
 
 
 def run(model_name: str, nodes: list[int], rule_names, rules_at: int, rounds: int, device: str,
