@@ -292,25 +292,22 @@ class HookedNetwork(Network):
         if self.check_finite:
             check_finite(loss, str(k), step, "loss")
         wrt, optimizer = self._backward_inputs()[k], self._optimizers[k]
-        if self.step_in_backward and optimizer is not None:
-            with optim.stepping_in_backward(optimizer):
-                if wrt:
-                    torch.autograd.backward(loss, inputs=wrt)
-            if self.check_finite:
-                check_parameters([p for g in optimizer.param_groups for p in g["params"]], self, str(k), step)
-            return float(loss.detach())
-        if wrt:
-            torch.autograd.backward(loss, inputs=wrt)
+        inside = self.step_in_backward and optimizer is not None
+        with optim.stepping_in_backward(optimizer) if inside else contextlib.nullcontext():
+            if wrt:
+                torch.autograd.backward(loss, inputs=wrt)
         if optimizer is not None:
-            self._step_optimizer(k, optimizer, step)
+            self._step_optimizer(k, optimizer, step, stepped_in_backward=inside)
         return float(loss.detach())
 
-    def _step_optimizer(self, k: int, optimizer: torch.optim.Optimizer, step: int) -> None:
+    def _step_optimizer(self, k: int, optimizer: torch.optim.Optimizer, step: int,
+                        stepped_in_backward: bool = False) -> None:
         stepped = [p for group in optimizer.param_groups for p in group["params"]]
-        if self.max_grad_norm is not None:
-            nn.utils.clip_grad_norm_(stepped, self.max_grad_norm)
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
+        if not stepped_in_backward:
+            if self.max_grad_norm is not None:
+                nn.utils.clip_grad_norm_(stepped, self.max_grad_norm)
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
         if self.check_finite:
             check_parameters(stepped, self, str(k), step)
 

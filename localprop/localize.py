@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import contextlib
 import itertools
+import math
 import statistics
 import time
 from typing import Callable, Iterator, Sequence
@@ -452,16 +453,16 @@ def _memory_starts(model, blocks, inputs, count, example, checkpoint) -> list[st
     each on a dry run. A node's peak is estimated as its units' summed costs, or with
     ``checkpoint`` (a node of several units recomputes one at a time) as its costliest
     unit's plus the inputs it keeps of the others. Two splits of least largest estimate
-    are candidates: with the stem joining the first block (its cost added to the block's)
-    and with the stem free to be a node alone; the estimates only approximate a node's
-    peak, so where the two differ their nodes are measured and the lower largest peak wins."""
+    are candidates, with the stem joining the first block and with the stem free to be a
+    node alone; the estimates only approximate a node's peak, so where the two differ
+    their nodes are measured and the lower largest peak wins."""
     stem = trace.split(model, blocks[:1], blocks, inputs).nodes[0]
-    if not any(True for _ in stem.parameters()):
-        return _estimated_starts(*zip(*_traced_costs(model, blocks[1:], blocks, inputs, "memory", example)),
-                                 blocks, count, checkpoint)
-    costs, held = zip(*_traced_costs(model, blocks, blocks, inputs, "memory", example))
-    joined = _estimated_starts((costs[0] + costs[1], *costs[2:]), held[1:], blocks, count, checkpoint)
-    alone = _estimated_starts(costs, held, [None, *blocks], count, checkpoint)
+    if not any(True for _ in stem.parameters()):  # nothing before the first block learns: it joins the block
+        costs, held = zip(*_traced_costs(model, blocks[1:], blocks, inputs, "memory", example))
+        return _estimated_starts(costs, held, blocks, count, checkpoint)
+    costs, held = zip(*_traced_costs(model, blocks, blocks, inputs, "memory", example))  # the stem, each block
+    joined, alone = (_estimated_starts(costs, held, [None, *blocks], count, checkpoint, stem_alone)
+                     for stem_alone in (False, True))
     if joined == alone:
         return joined
     peaks = [max(c + b for c, b in _traced_costs(model, starts, blocks, inputs, "memory", example, checkpoint))
@@ -469,11 +470,13 @@ def _memory_starts(model, blocks, inputs, count, example, checkpoint) -> list[st
     return joined if peaks[0] <= peaks[1] else alone
 
 
-def _estimated_starts(costs, held, units, count, checkpoint) -> list[str]:
-    """The starts of the split of ``units`` (their names; None: the stem) with a cost and
-    the bytes of its input each, whose largest estimated node peak is least (see
-    :func:`_memory_starts`)."""
+def _estimated_starts(costs, held, units, count, checkpoint, stem_alone=True) -> list[str]:
+    """The starts of the split of ``units`` (their names, None for a stem; a cost and the
+    bytes of its input each) whose largest estimated node peak is least (see
+    :func:`_memory_starts`); ``stem_alone=False``: the first unit not a node by itself."""
     def peak(j: int, k: int) -> float:
+        if (j, k) == (0, 1) and not stem_alone:
+            return math.inf
         if checkpoint and k - j > 1:
             return max(costs[j:k]) + sum(held[j + 1:k])
         return sum(costs[j:k])
