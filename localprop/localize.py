@@ -174,6 +174,8 @@ def _measure(block: nn.Module, u: torch.Tensor, balance: str) -> float:
 
     with _dry_run(block, u.device):
         step()  # warm-up: lazily allocated state is not the part's cost
+        for p in block.parameters():  # but the gradients are: a step starts without them
+            p.grad = None
         if balance == "memory":
             with memory.track_peak(u.device) as peak:
                 step()
@@ -477,8 +479,8 @@ def _estimated_starts(costs, held, units, count, checkpoint, stem_alone=True) ->
     def peak(j: int, k: int) -> float:
         if (j, k) == (0, 1) and not stem_alone:
             return math.inf
-        if checkpoint and k - j > 1:
-            return max(costs[j:k]) + sum(held[j + 1:k])
+        if checkpoint and k - j > 1:  # unit i recomputed while the inputs kept of units j+1..i are alive
+            return max(costs[i] + sum(held[j + 1:i + 1]) for i in range(j, k))
         return sum(costs[j:k])
     return [units[i] for i in itertools.accumulate(group_counts(len(units), count, costs, peak)[:-1])]
 
