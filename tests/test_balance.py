@@ -56,6 +56,16 @@ def test_memory_costs_are_measured_without_changing_the_model():
     assert all(p.grad is None for p in model.parameters()) and model.training
 
 
+@pytest.mark.skipif(memory.cpu_counter() is None, reason="needs the C++ extension's counting allocator")
+def test_a_parts_memory_counts_its_parameter_gradients():
+    """A step starts without gradients, so a part's measured cost holds its two weights'
+    gradients together by the end of its backward (1 MiB each, beside activations of a
+    few KiB), not one at a time as an accumulation into existing gradients would."""
+    part = [nn.Linear(512, 512), nn.ReLU(), nn.Linear(512, 512)]
+    (cost,) = part_costs([part], "memory", torch.randn(2, 512))
+    assert cost >= 2 * 512 * 512 * 4
+
+
 def test_balance_errors():
     with pytest.raises(ValueError, match="balance must be one of count, params, memory, time"):
         lp.localize(vgg(), num_classes=10, nodes=2, balance="flops")
