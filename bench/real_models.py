@@ -9,11 +9,13 @@ Memory: the allocator's peak of one step above the resident state (localprop.mem
 CPU counting allocator or the CUDA caching allocator; every kind of step a rule makes,
 PGL's global one included). Time: the median of ``--rounds`` steps per contender,
 alternated in one process so that drift in the machine's load falls on all alike, as a
-ratio to bp's. Greedy runs at every K, as localize() makes it by default and with nodes
+ratio to bp's. Greedy runs at every K, as localize() makes it by default, with nodes
 balanced by measured memory plus checkpointing inside the nodes (``balance="memory",
-checkpoint=True``); the other rules at ``--rules-at`` K (default 4).
+checkpoint=True``), and with those plus every option that lowers a step's peak
+(``lean=True, step_in_backward=True``); the other rules at ``--rules-at`` K (default 4).
+``--channels-last`` runs every contender's model and images in channels_last.
 
-    python bench/real_models.py [--models resnet18 gpt] [--nodes 2 4 8] [--device cpu]
+    python bench/real_models.py [--models resnet18 gpt] [--nodes 2 4 8] [--device cpu] [--channels-last]
 
 Rows go to bench/results/real_models.csv; the table is printed as Markdown.
 """
@@ -76,61 +78,71 @@ HOOKED = {"hf-gpt2"}
 HOOKED_RULES = ("greedy", "pgl")
 
 
-def contenders(nodes: list[int], rule_names, rules_at: int) -> list[tuple[str, object, int | None, str, bool]]:
-    """(label, rule, K, balance, checkpoint inside nodes) of every contender: bp,
-    bp+checkpoint per block, greedy at each K (plain, and memory-balanced with
-    checkpointing inside nodes), the other rules at K = ``rules_at``."""
-    out = [("bp", "bp", None, "count", False),
-           ("bp+checkpoint", rules.BP(checkpoint=True, segment=1), None, "count", False)]
+#: localize()'s options of the memory-balanced contenders
+BALANCED = {"balance": "memory", "checkpoint": True}
+LEANEST = {**BALANCED, "lean": True, "step_in_backward": True}
+
+
+def contenders(nodes: list[int], rule_names, rules_at: int) -> list[tuple[str, object, int | None, dict]]:
+    """(label, rule, K, localize()'s options) of every contender: bp, bp+checkpoint per
+    block, greedy at each K (plain; memory-balanced with checkpointing inside nodes; and
+    with lean BatchNorms and steps in the backward besides), the other rules at K =
+    ``rules_at``."""
+    out = [("bp", "bp", None, {}), ("bp+checkpoint", rules.BP(checkpoint=True, segment=1), None, {})]
     for k in nodes:
-        out += [("greedy", "greedy", k, "count", False),
-                ("greedy, memory-balanced + ckpt", "greedy", k, "memory", True)]
+        out += [("greedy", "greedy", k, {}), ("greedy, memory-balanced + ckpt", "greedy", k, BALANCED),
+                ("greedy, balanced + ckpt + lean + step in bw", "greedy", k, LEANEST)]
         if k == rules_at:
-            out += [(name, name, k, "count", False) for name in rule_names if name != "greedy"]
+            out += [(name, name, k, {}) for name in rule_names if name != "greedy"]
     return out
 
 
-def hooked_contenders(nodes: list[int], rule_names, rules_at: int) -> list[tuple[str, object, int | None, str, bool]]:
+def hooked_contenders(nodes: list[int], rule_names, rules_at: int) -> list[tuple[str, object, int | None, dict]]:
     """The contenders of a model localized with hooks: bp, bp with the model's own
     checkpointing per layer, greedy at each K (plain, and with the model's checkpointing,
-    which recomputes each layer inside its node's local backward), pgl at K = ``rules_at``."""
-    out = [("bp", "bp", None, "count", False), ("bp+checkpoint", "bp", None, "count", True)]
+    which recomputes each layer inside its node's local backward), pgl at K = ``rules_at``.
+    Their options: ``{"checkpoint": True}`` switches the model's own checkpointing on."""
+    out = [("bp", "bp", None, {}), ("bp+checkpoint", "bp", None, {"checkpoint": True})]
     for k in nodes:
-        out += [("greedy", "greedy", k, "count", False), ("greedy + model's checkpointing", "greedy", k, "count", True)]
+        out += [("greedy", "greedy", k, {}), ("greedy + model's checkpointing", "greedy", k, {"checkpoint": True})]
         if k == rules_at:
-            out += [(name, name, k, "count", False) for name in rule_names if name in HOOKED_RULES[1:]]
+            out += [(name, name, k, {}) for name in rule_names if name in HOOKED_RULES[1:]]
     return out
 
 
-def build(factory, rule, k, balance, checkpoint, x, device, hooked=False):
+def build(factory, rule, k, options, x, device, hooked=False, channels_last=False):
     torch.manual_seed(0)
     model = factory().to(device)
+    if channels_last:
+        model = model.to(memory_format=torch.channels_last)
     if hooked:
-        if checkpoint:
+        if options.get("checkpoint"):
             model.activation_checkpointing_enable()
         return lp.localize(model, rule, nodes=k, hooks=True, optimizer=SGD)
     # the memory balance measures at the batch it is given: the step's own, whose peaks it is to balance
-    return lp.localize(model, rule, nodes=k, balance=balance, checkpoint=checkpoint, optimizer=SGD,
-                       example_input=x if balance != "count" else None)
+    return lp.localize(model, rule, nodes=k, optimizer=SGD,
+                       example_input=x if options.get("balance") == "memory" else None, **options)
 
 
 def run(model_name: str, nodes: list[int], rule_names, rules_at: int, rounds: int, device: str,
-        batch: int | None) -> list[dict]:
+        batch: int | None, channels_last: bool = False) -> list[dict]:
     make, default_batch = MODELS[model_name]
     factory, (x, y) = make(batch or default_batch, device)
+    if channels_last and x.dim() == 4:
+        x = x.contiguous(memory_format=torch.channels_last)
     rows, nets = [], {}
     hooked = model_name in HOOKED
-    for label, rule, k, balance, checkpoint in (hooked_contenders if hooked else contenders)(nodes, rule_names,
-                                                                                               rules_at):
-        net = build(factory, rule, k, balance, checkpoint, x, device, hooked)
+    for label, rule, k, options in (hooked_contenders if hooked else contenders)(nodes, rule_names, rules_at):
+        net = build(factory, rule, k, options, x, device, hooked, channels_last)
         steps = max(1, getattr(net.rule, "period", 1))
         m = memory.measure_step(net, x, y, steps=steps)
         key = (label, k)
         nets[key] = net
         rows.append({"model": model_name, "batch": x.shape[0], "rule": label,
+                     "memory_format": "channels_last" if channels_last else "contiguous",
                      "nodes": k or (len(net.starts) + 1 if hooked else len(net.nodes)),
                      "peak_mib": m.peak_bytes / 2**20, "resident_mib": m.resident_bytes / 2**20})
-        print(f"  {model_name} {label:<26} K={k or '-':<3} peak {m.peak_bytes / 2**20:9.1f} MiB", flush=True)
+        print(f"  {model_name} {label:<44} K={k or '-':<3} peak {m.peak_bytes / 2**20:9.1f} MiB", flush=True)
         gc.collect()
     times = alternate({key: (lambda n=net: n.train_step(x, y)) for key, net in nets.items()}, rounds)
     bp_peak, bp_time = rows[0]["peak_mib"], times[("bp", None)]
@@ -169,10 +181,13 @@ def main() -> None:
     p.add_argument("--rounds", type=int, default=2, help="timed steps per contender (default 2)")
     p.add_argument("--batch", type=int, default=None, help="batch size (default: 128 ResNet, 8 GPT)")
     p.add_argument("--device", default="cpu")
+    p.add_argument("--channels-last", action="store_true",
+                   help="every contender's model and images in channels_last (the ResNet's; the GPTs have none)")
     args = p.parse_args()
     rows = []
     for name in args.models:
-        rows += run(name, args.nodes, args.rules, args.rules_at, args.rounds, args.device, args.batch)
+        rows += run(name, args.nodes, args.rules, args.rules_at, args.rounds, args.device, args.batch,
+                    args.channels_last)
     path = common.append_rows("real_models", rows)
     print(markdown(rows))
     print(f"rows appended to {path}")

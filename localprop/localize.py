@@ -14,7 +14,7 @@ from torch import nn
 from . import memory, rules, trace
 from .engine import LocalSequential, OptimizerFactory
 from .hooked import HookedNetwork
-from .lean import lean_layers
+from .lean import lean_layers, make_lean
 
 
 #: parameter-free layers that shrink a map: with balance="memory" they may start a node (see units)
@@ -249,9 +249,12 @@ def localize(model: nn.Module | Sequence[nn.Module], rule: str | rules.Rule = "g
             (split points and ``nodes`` as above; ``balance`` "count" or "params").
         output: with ``hooks``, how to read the output tensor from what the forward returns
             (default: a tensor as is, a mapping's "logits", a tuple's first element).
-        lean: for an nn.Sequential or a list of blocks: every BatchNorm directly followed by
-            a ReLU runs as one :class:`~localprop.lean.BatchNormReLU`, whose backward keeps
-            one activation fewer (the same arithmetic, parameters and state_dict keys).
+        lean: BatchNorms whose backward keeps less (:mod:`localprop.lean`; the same
+            arithmetic, parameters and state_dict keys): in an nn.Sequential or a list of
+            blocks every BatchNorm directly followed by a ReLU runs as one
+            :class:`~localprop.lean.BatchNormReLU`; every other BatchNorm, in any model,
+            is replaced in place by a :class:`~localprop.lean.BatchNorm` sharing its
+            tensors, whose backward holds one map less.
 
     Returns a :class:`LocalSequential` (a :class:`~localprop.hooked.HookedNetwork` with
     ``hooks``). Errors name the split point, module or op in the way.
@@ -263,19 +266,22 @@ def localize(model: nn.Module | Sequence[nn.Module], rule: str | rules.Rule = "g
               "max_grad_norm": max_grad_norm, "step_in_backward": step_in_backward}
     listed = isinstance(model, (list, tuple, nn.ModuleList))
     blocks = listed or (isinstance(model, nn.Sequential) and split_points is None and block is None and not inputs)
-    if lean and (hooks or not blocks):
-        raise ValueError("localize(lean=True) fuses BatchNorm + ReLU pairs among an nn.Sequential's (or a block "
-                         "list's) layers; in another model, use localprop.lean.BatchNormReLU in its code")
-    if hooks:
-        net = _localize_hooked(model, nodes, split_points, block, balance, checkpoint, output, common)
-    elif blocks:
-        net = _localize_blocks(model, nodes, balance, example_input, checkpoint, lean, common)
-    elif isinstance(model, nn.Module):
-        net = _localize_traced(model, nodes, split_points, block, tuple(inputs), balance, example_input,
-                               checkpoint, common)
-    else:
+    if not (blocks or isinstance(model, nn.Module)):
         raise TypeError(f"localize() takes an nn.Module, an nn.Sequential or a list of nn.Module blocks, "
                         f"got {type(model).__name__}")
+    replaced = make_lean(model) if lean and not blocks else []  # the blocks' own, by _localize_blocks
+    try:
+        if hooks:
+            net = _localize_hooked(model, nodes, split_points, block, balance, checkpoint, output, common)
+        elif blocks:
+            net = _localize_blocks(model, nodes, balance, example_input, checkpoint, lean, common, replaced)
+        else:
+            net = _localize_traced(model, nodes, split_points, block, tuple(inputs), balance, example_input,
+                                   checkpoint, common)
+    except BaseException:  # the user's model as it was given
+        for parent, name, former in replaced:
+            setattr(parent, name, former)
+        raise
     if isinstance(model, nn.Module):
         net._user_modules = (model,)  # net.train() / net.eval() switch the user's model too
     if example_input is not None:
@@ -306,14 +312,18 @@ def _localize_hooked(model, nodes, split_points, block, balance, checkpoint, out
     return HookedNetwork(model, starts, output=output, **kept)
 
 
-def _localize_blocks(model, nodes, balance, example_input, checkpoint, lean, common) -> LocalSequential:
-    """An nn.Sequential or a list of blocks: a node per child with parameters, grouped."""
+def _localize_blocks(model, nodes, balance, example_input, checkpoint, lean, common, replaced) -> LocalSequential:
+    """An nn.Sequential or a list of blocks: a node per child with parameters, grouped;
+    with ``lean``, the BatchNorms replaced inside the user's modules are added to ``replaced``."""
     children = list(model.children()) if isinstance(model, nn.Sequential) else list(model)
     if not all(isinstance(m, nn.Module) for m in children):
         raise TypeError("localize() takes a list of nn.Module blocks")
     if not children:
         raise ValueError("localize() got a model with no blocks")
-    children = lean_layers(children) if lean else children
+    if lean:  # pairs in the Sequential's own layers; inside its other modules, lean BatchNorms
+        children = lean_layers(children)
+        for m in children:
+            replaced += make_lean(m)
     if nodes is not None and balance == "memory":
         blocks = join(*_memory_parts(children, nodes, example_input), checkpoint)
     else:

@@ -26,6 +26,7 @@ import torch
 import torch.utils.checkpoint
 from torch import fx, nn
 
+from .lean import BatchNorm
 from .nodes import ModuleNode
 
 #: fx ops whose result carries no gradient, whatever their argument (sizes, dtypes, devices)
@@ -68,14 +69,15 @@ class Split:
 
 
 class _Tracer(fx.Tracer):
-    """torch.fx's tracer with the given modules (by qualified name) called whole."""
+    """torch.fx's tracer with the given modules (by qualified name) called whole, and the
+    lean BatchNorms (localize(lean=True)'s) as torch.nn's own layers are."""
 
     def __init__(self, leaves: Iterable[str]) -> None:
         super().__init__()
         self.leaves = set(leaves)
 
     def is_leaf_module(self, m: nn.Module, qualname: str) -> bool:
-        return qualname in self.leaves or super().is_leaf_module(m, qualname)
+        return qualname in self.leaves or isinstance(m, BatchNorm) or super().is_leaf_module(m, qualname)
 
 
 def find_blocks(model: nn.Module, block: type | tuple[type, ...] | None) -> list[str]:
@@ -271,8 +273,30 @@ def _node(gm: fx.GraphModule, part, k: int, count: int, crossing: _Crossing, lab
     if recompute:
         _checkpoint_between(block)
         if sum(n.op == "call_function" and n.target is checkpointed for n in block.graph.nodes) < 2:
-            return _node(gm, part, k, count, crossing, label, set())
+            plain = _node(gm, part, k, count, crossing, label, set())
+            return TracedNode(_checkpoint_first_half(plain.block), plain.reads, plain.writes, label)
     return TracedNode(block, [_value_name(n) for n in reads], [_value_name(n) for n in writes], label)
+
+
+def _checkpoint_first_half(block: fx.GraphModule) -> fx.GraphModule:
+    """A node of one block, checkpointed inside the block: its forward traced down to
+    torch.nn's layers, the ops before its middle layer with parameters recomputed in the
+    backward as one run, the rest kept.
+    On a ResNet's BasicBlock the first convolution, BatchNorm and ReLU are recomputed: their
+    activations are not held through the second half's backward. ``block`` itself when its
+    code cannot be traced (control flow) or it has fewer than two such layers."""
+    try:
+        flat = fx.GraphModule(block, _Tracer(()).trace(block))
+    except Exception:  # torch.fx raises many kinds; the block then runs as it is
+        return block
+    ops = [n for n in flat.graph.nodes if n.op not in ("placeholder", "get_attr", "output")]
+    layers = [i for i, n in enumerate(ops) if n.op == "call_module" and _has_params(flat.get_submodule(n.target))]
+    if len(layers) < 2:
+        return block
+    _checkpoint_run(flat, ops[:layers[len(layers) // 2]], "_first_half")
+    flat.graph.lint()
+    flat.recompile()
+    return flat
 
 
 def _checkpoint_between(gm: fx.GraphModule) -> None:

@@ -1,5 +1,5 @@
-"""localprop.lean.BatchNormReLU against nn.BatchNorm + nn.ReLU, lean_layers, and
-localize(lean=True)."""
+"""localprop.lean.BatchNorm and BatchNormReLU against nn.BatchNorm (+ nn.ReLU),
+lean_layers, make_lean, and localize(lean=True)."""
 import copy
 
 import pytest
@@ -8,7 +8,7 @@ from torch import nn
 
 import localprop as lp
 from localprop import memory
-from localprop.lean import SLICES, BatchNormReLU, lean_layers
+from localprop.lean import SLICES, BatchNorm, BatchNormReLU, lean_layers, make_lean
 from tests.ops.cases import assert_matches
 from tests.test_checkpoint import assert_same
 
@@ -68,6 +68,51 @@ def test_equals_batchnorm_then_relu_in_float64(cls, shape, affine, track, moment
             torch.allclose(getattr(bn, name), b, rtol=0, atol=1e-14), name
 
 
+@pytest.mark.parametrize("cls, shape", SHAPES)
+@pytest.mark.parametrize("affine, track, momentum", SETTINGS)
+def test_batchnorm_equals_pytorchs_in_float64(cls, shape, affine, track, momentum):
+    """Two training steps of the lean BatchNorm: outputs, the input's and parameters'
+    gradients, running statistics and the step count."""
+    ref = pair(cls, shape[1], affine, track, momentum, seed=4)
+    bn = copy.deepcopy(ref)
+    lean = BatchNorm.adopt(bn)
+    for step in range(2):
+        x = strided(shape, F64, seed=10 + step).requires_grad_()
+        x_ref = x.detach().clone().requires_grad_()
+        g = strided(shape, F64, seed=20 + step)
+        y, y_ref = lean(x), ref(x_ref)
+        assert type(y.grad_fn).__name__ == "_BatchNormBackward"
+        y.backward(g)
+        y_ref.backward(g)
+        torch.testing.assert_close(y, y_ref, rtol=0, atol=1e-14)
+        torch.testing.assert_close(x.grad, x_ref.grad, rtol=0, atol=1e-13)
+        assert x.grad.stride() == x_ref.grad.stride()  # the input's layout, as PyTorch's
+    for name, p in ref.named_parameters():
+        torch.testing.assert_close(getattr(bn, name).grad, p.grad, rtol=0, atol=1e-12)
+    for name, b in ref.named_buffers():
+        assert torch.equal(getattr(bn, name), b) if b.dtype == torch.int64 else \
+            torch.allclose(getattr(bn, name), b, rtol=0, atol=1e-14), name
+
+
+@pytest.mark.parametrize("cls, shape", SHAPES[2:])
+def test_batchnorm_float32_error_within_twice_pytorchs(cls, shape):
+    """In float32 the lean BatchNorm's gradients (input, weight, bias) are within 2x the
+    error of PyTorch's own float32 BatchNorm, both against float64."""
+    ref64 = pair(cls, shape[1], True, True, 0.1, seed=5)
+    x64 = strided(shape, F64, seed=6)
+    g64 = torch.randn(shape, dtype=F64)
+
+    def grads(dtype, lean):
+        m = copy.deepcopy(ref64).to(dtype)
+        x = x64.detach().to(dtype).requires_grad_()
+        (BatchNorm.adopt(m) if lean else m)(x).backward(g64.to(dtype))
+        return x.grad, m.weight.grad, m.bias.grad
+
+    want, torch32, ours = grads(F64, False), grads(F32, False), grads(F32, True)
+    for what, out, ref, same in zip(("input", "weight", "bias"), ours, want, torch32):
+        assert_matches(out, ref, same, what=f"gradient of the {what}")
+
+
 @pytest.mark.parametrize("cls, shape", SHAPES[2:])
 def test_float32_error_within_twice_pytorchs(cls, shape):
     """In float32, on the lean path, the parameters' gradients are within 2x the error of
@@ -110,12 +155,12 @@ def test_bad_input_is_a_clear_error():
         lean(torch.randn(4))
 
 
-def test_lean_layers_replaces_only_batchnorm_then_relu_and_keeps_keys():
+def test_lean_layers_pairs_batchnorm_then_relu_and_keeps_keys():
     inner = nn.Sequential(nn.Conv1d(2, 3, 1), nn.BatchNorm1d(3), nn.ReLU())
     given = [nn.Conv2d(1, 2, 3), nn.BatchNorm2d(2), nn.ReLU(), nn.BatchNorm2d(2), nn.Tanh(), inner]
     before = nn.Sequential(*given).state_dict()
     out = lean_layers(given)
-    assert [type(m) for m in out[:5]] == [nn.Conv2d, BatchNormReLU, nn.Identity, nn.BatchNorm2d, nn.Tanh]
+    assert [type(m) for m in out[:5]] == [nn.Conv2d, BatchNormReLU, nn.Identity, BatchNorm, nn.Tanh]
     assert [type(m) for m in out[5]] == [nn.Conv1d, BatchNormReLU, nn.Identity]
     assert list(nn.Sequential(*out).state_dict()) == list(before)
     assert out[1].weight is given[1].weight and out[1].running_mean is given[1].running_mean  # shared, not copied
@@ -147,17 +192,52 @@ def test_localize_lean_trains_as_the_plain_network():
     assert lean_model[1].running_mean.abs().sum() > 0  # the statistics moved, in the user's model too
 
 
-def test_localize_lean_needs_a_sequential():
-    class Model(nn.Module):
-        def __init__(self):
-            super().__init__()
-            self.a, self.b = nn.Linear(3, 4), nn.Linear(4, 2)
+class Residual(nn.Module):
+    """A model localize traces: BatchNorms in a block's own code and in forward's."""
 
-        def forward(self, x):
-            return self.b(torch.relu(self.a(x)))
+    def __init__(self):
+        super().__init__()
+        self.conv, self.bn = nn.Conv2d(3, 4, 3, padding=1), nn.BatchNorm2d(4)
+        self.blocks = nn.Sequential(lp.zoo.BasicBlock(4, 4), lp.zoo.BasicBlock(4, 6, stride=2))
+        self.fc = nn.Linear(6, 5)
 
-    with pytest.raises(ValueError, match="localize\\(lean=True\\) fuses BatchNorm"):
-        lp.localize(Model(), num_classes=2, lean=True)
+    def forward(self, x):
+        x = self.blocks(torch.relu(self.bn(self.conv(x))))
+        return self.fc(x.mean((2, 3)))
+
+
+def test_make_lean_replaces_every_batchnorm_in_place_and_keeps_keys():
+    model = Residual()
+    before = dict(model.state_dict())
+    replaced = make_lean(model)
+    assert len(replaced) == 6  # the stem's, two per block, the projection's
+    assert all(type(m) is BatchNorm for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm))
+    assert list(model.state_dict()) == list(before)
+    assert all(model.state_dict()[k] is v or torch.equal(model.state_dict()[k], v) for k, v in before.items())
+    assert model.bn.weight is replaced[0][2].weight  # shared, not copied
+
+
+def test_localize_lean_trains_a_traced_model_as_the_plain_one():
+    """Three greedy steps of a traced ResNet-like model in float64, with checkpointing
+    inside nodes: the same parameters and running statistics."""
+    x, y = torch.randn(10, 3, 8, 8, dtype=F64), torch.randint(0, 5, (10,))
+    states = []
+    for lean in (False, True):
+        torch.manual_seed(0)
+        model = Residual().double()
+        net = lp.localize(model, num_classes=5, lean=lean, example_input=x, checkpoint=True, nodes=2,
+                          optimizer=lambda p: torch.optim.SGD(p, lr=0.1, momentum=0.9))
+        for _ in range(3):
+            net.train_step(x, y)
+        states.append(model.state_dict())
+    assert_same(states[0], states[1], "model", atol=1e-12)
+
+
+def test_localize_lean_undoes_its_replacement_on_an_error():
+    model = Residual()
+    with pytest.raises(ValueError, match="no submodule 'nope'"):
+        lp.localize(model, num_classes=5, lean=True, split_points=["nope"])
+    assert all(type(m) in (nn.BatchNorm2d,) for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm))
 
 
 @pytest.mark.skipif(memory.cpu_counter() is None, reason="needs the C++ extension's counting allocator")
@@ -170,5 +250,19 @@ def test_lean_node_step_holds_less():
         torch.manual_seed(0)
         model = nn.Sequential(nn.BatchNorm2d(8), nn.ReLU(), nn.Flatten(), nn.Linear(8 * 16 * 16, 5))
         net = lp.localize(model, num_classes=5, lean=lean, example_input=x)
+        peaks[lean] = memory.measure_step(net, x, y).peak_bytes
+    assert peaks[True] <= peaks[False] - x.numel() * x.element_size() // 2
+
+
+@pytest.mark.skipif(memory.cpu_counter() is None, reason="needs the C++ extension's counting allocator")
+def test_lean_batchnorm_step_holds_less():
+    """A convolution then a BatchNorm (no ReLU after it): the node step's peak drops by at
+    least half a map, the temporary of the map's size PyTorch's backward allocates."""
+    x, y = torch.randn(32, 8, 16, 16), torch.randint(0, 5, (32,))
+    peaks = {}
+    for lean in (False, True):
+        torch.manual_seed(0)
+        model = nn.Sequential(nn.Conv2d(8, 8, 3, padding=1), nn.BatchNorm2d(8), nn.Flatten(), nn.Linear(8 * 16 * 16, 5))
+        net = lp.localize(model, num_classes=5, lean=lean, example_input=x, nodes=1)
         peaks[lean] = memory.measure_step(net, x, y).peak_bytes
     assert peaks[True] <= peaks[False] - x.numel() * x.element_size() // 2

@@ -460,20 +460,61 @@ def test_a_copy_of_a_checkpointed_node_runs_its_own_modules():
     assert all(torch.equal(a, b) for a, b in zip(net.parameters(), twin.parameters()))
 
 
-def test_a_node_of_one_block_is_not_recomputed():
-    """checkpoint=True on a node that would recompute one segment (a block alone) leaves
-    it as it is: recomputing its whole forward holds the same activations and its output
-    twice. Nodes of several segments are checkpointed."""
-    x, y = images(8)
-    torch.manual_seed(0)
-    plain = lp.localize(small_resnet(), split_points=["layer1.1", "layer2.0"]).build(x)
-    torch.manual_seed(0)
-    net = lp.localize(small_resnet(), split_points=["layer1.1", "layer2.0"], checkpoint=True).build(x)
-    calls = [sum(n.op == "call_function" and n.target is trace.checkpointed for n in node.block.graph.nodes)
-             for node in net.nodes]
-    assert calls == [2, 0, 7]  # stem + layer1.0; layer1.1 alone; 6 blocks + the classifier
-    alone = [lp.memory.node_peaks(n, lp.memory.timeline(n, x, y))[1] for n in (plain, net)]
-    assert alone[0] == alone[1]
+def test_a_node_of_one_block_recomputes_its_first_half():
+    """checkpoint=True on a node of one block (where recomputing the block whole would hold
+    the same activations and its output twice) recomputes the block's first half: the ops
+    before its middle layer with parameters (a BasicBlock's conv1, bn1, relu). The same
+    gradients (float64) and a lower peak for that node (the allocator's count, exact)."""
+    x, y = images(8, torch.float64)
+
+    def make(checkpoint):
+        model = small_resnet(torch.float64)
+        return model, lp.localize(model, split_points=["layer1.1", "layer2.0"], checkpoint=checkpoint,
+                                  optimizer=SGD).build(x)
+
+    (plain, net), (recomputed, ck) = make(False), make(True)
+    alone = ck.nodes[1].block
+    calls = [n for n in alone.graph.nodes if n.op == "call_function" and n.target is trace.checkpointed]
+    assert len(calls) == 1
+    assert [getattr(n.target, "__name__", n.target) for n in alone._first_half.graph_module.graph.nodes
+            if n.op.startswith("call")] == ["layer1.1.conv1", "layer1.1.bn1", "relu"]
+    peaks = [lp.memory.node_peaks(n, lp.memory.timeline(n, x, y))[1] for n in (net, ck)]
+    assert peaks[1] < peaks[0]
+    net.train_step(x, y)
+    ck.train_step(x, y)
+    for (name, a), b in zip(plain.named_parameters(), recomputed.parameters()):
+        assert torch.allclose(a, b, rtol=0, atol=1e-10), name
+
+
+def test_a_one_block_node_that_cannot_be_traced_runs_whole():
+    """A block whose forward branches on a tensor's value cannot be traced down to its layers:
+    checkpoint=True leaves a node of it alone as it is, and it trains."""
+    class Gated(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a, self.b = nn.Linear(6, 6), nn.Linear(6, 6)
+
+        def forward(self, x):
+            h = self.a(x)
+            return self.b(h) if h.sum() > 0 else h
+
+    class Model(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.first, self.gated, self.head = nn.Linear(4, 6), Gated(), nn.Linear(6, 3)
+
+        def forward(self, x):
+            return self.head(self.gated(torch.relu(self.first(x))))
+
+    x, y = torch.randn(5, 4), torch.randint(0, 3, (5,))
+    nets = []
+    for checkpoint in (False, True):
+        torch.manual_seed(0)
+        nets.append(lp.localize(Model(), split_points=["gated", "head"], checkpoint=checkpoint, block=Gated,
+                                optimizer=SGD).build(x))
+        nets[-1].train_step(x, y)
+    assert not any(n.op == "call_function" and n.target is trace.checkpointed for n in nets[1].nodes[1].block.graph.nodes)
+    assert all(torch.equal(a, b) for a, b in zip(*(n.parameters() for n in nets)))
 
 
 def test_memory_balance_with_checkpointing_may_give_the_stem_a_node_alone():
