@@ -241,7 +241,8 @@ def localize(model: nn.Module | Sequence[nn.Module], rule: str | rules.Rule = "g
         checkpoint: checkpointing inside each node: every block is recomputed during its
             node's local backward, and so is the code between blocks of a traced model (a
             stem, a classifier) as one segment per run, so a local step holds the node's
-            boundary tensors and one segment's activations, not all of its blocks'
+            boundary tensors and one segment's activations, not all of its blocks'; a
+            traced node of one block recomputes the block's first half instead
             (torch.utils.checkpoint: a block's forward runs twice, and layers with running
             statistics, BatchNorm's, update them twice a step, as under any checkpointing).
 

@@ -241,7 +241,8 @@ def _node(gm: fx.GraphModule, part, k: int, count: int, crossing: _Crossing, lab
     """Node k as a standalone GraphModule: (u, *reads) -> h or (h, *writes); the calls of
     the modules in ``recompute`` checkpointed, unless that makes one segment: recomputing
     a node's whole forward at once holds the same activations in its backward as keeping
-    them, and its output twice (the kept one and the recomputed one)."""
+    them, and its output twice (the kept one and the recomputed one), so such a node
+    recomputes its block's first half instead (:func:`_checkpoint_first_half`)."""
     graph, env = fx.Graph(), {}
     source = next(n for n in gm.graph.nodes if n.op == "placeholder") if k == 0 else crossing.activation[k]
     env[source] = graph.placeholder("u")
