@@ -52,8 +52,31 @@ def test_profile_command_on_a_users_model(tmp_path, capsys):
     assert "tests.test_profile_model:tiny_gpt, batch 4, 2 nodes" in capsys.readouterr().out
 
 
+def test_profile_command_with_every_memory_option(tmp_path, capsys):
+    """--balance memory --checkpoint --step-in-backward --lean --channels-last reach localize:
+    the local rule's peak below the plain one's, and the peaks of its nodes printed, the
+    highest of them the step's peak."""
+    def profile(*options):
+        out = tmp_path / str(len(options))
+        assert main(["profile", "--model", "tests.test_profile_model:tiny_resnet", "--input-shape", "3,12,12",
+                     "--batch", "8", "--nodes", "4", "--rules", "bp", "greedy", "--out", str(out), "--quiet",
+                     *options]) == 0
+        rows = json.loads((out / "profile.json").read_text())
+        return {r["rule"]: r["peak_bytes"] for r in rows}, capsys.readouterr().out
+
+    plain, _ = profile()
+    every, printed = profile("--balance", "memory", "--checkpoint", "--step-in-backward", "--lean", "--channels-last")
+    assert every["greedy"] < plain["greedy"]
+    peaks = [float(v) for v in printed.split("each node's step peak, MiB: ")[1].splitlines()[0].split(", ")]
+    assert len(peaks) == 4 and max(peaks) == pytest.approx(every["greedy"] / 2**20, abs=0.05)
+
+
 @pytest.mark.parametrize("argv,message", [
     (["--model", "tests.test_profile_model:tiny_gpt"], "give --input-shape C,H,W"),
+    (["--model", "tests.test_profile_model:tiny_gpt", "--tokens", "32,10", "--channels-last"],
+     "--channels-last: expected image inputs --input-shape C,H,W, got a batch of shape [128, 10]"),
+    (["--model", "tests.test_profile_model:tiny_gpt", "--tokens", "32,10", "--hooks", "--lean"],
+     "--hooks: --lean, --checkpoint and --balance memory or time need a traced model"),
     (["--model", "tests.test_profile_model:nothing", "--tokens", "3,4"], "importable"),
     (["--model", "tests.test_profile_model:tiny_gpt", "--tokens", "32"], "expected VOCAB,SEQ"),
 ])

@@ -105,16 +105,43 @@ def model_batch(factory, shape: list[int] | None, tokens: list[int] | None, batc
     return x.to(device), torch.randn(batch, *out.shape[1:], generator=g).to(device), "mse"
 
 
+def model_options(args, x: torch.Tensor) -> tuple[dict, dict]:
+    """localize()'s options from the command line: (for every rule, for the local rules
+    only). ``lean`` changes the model's BatchNorms, so bp runs with them too; the split,
+    checkpointing inside nodes and steps in the backward are a local network's."""
+    every = {"lean": True} if args.lean else {}
+    local = {"checkpoint": args.checkpoint, "step_in_backward": args.step_in_backward}
+    if args.balance != "count":
+        local.update(balance=args.balance, example_input=x)
+    if args.hooks and (args.lean or args.checkpoint or args.balance in ("memory", "time")):
+        raise ValueError("--hooks: --lean, --checkpoint and --balance memory or time need a traced model (without "
+                         "--hooks); with hooks, switch on the model's own checkpointing in its factory")
+    return every, local
+
+
+def channels_last(factory, x: torch.Tensor):
+    """The factory's model and x in channels_last (4-D image inputs only)."""
+    if x.dim() != 4:
+        raise ValueError(f"--channels-last: expected image inputs --input-shape C,H,W, got a batch of shape "
+                         f"{list(x.shape)}")
+    return lambda: factory().to(memory_format=torch.channels_last), x.contiguous(memory_format=torch.channels_last)
+
+
 def run_model(args) -> int:
     """--model: every rule on the user's model; table, JSON, a bar chart and a timeline."""
     from localprop.config import import_target
 
     factory = import_target("--model", args.model)
     x, y, loss = model_batch(factory, args.input_shape, args.tokens, args.batch, args.device)
+    if args.channels_last:
+        factory, x = channels_last(factory, x)
+    every, local = model_options(args, x)
     rules = list(args.rules or (HOOKED_RULES if args.hooks else MODEL_RULES))
     results = []
     for rule in tqdm(rules, desc="profile", disable=args.quiet, leave=False):
-        results += memory.compare_model(factory, x, y, rules=[rule], nodes=args.nodes, loss=loss, hooks=args.hooks)
+        options = every if rule in ("bp", "bp+checkpoint") else {**every, **local}
+        results += memory.compare_model(factory, x, y, rules=[rule], nodes=args.nodes, loss=loss, hooks=args.hooks,
+                                        **options)
     rows = [{"rule": m.rule, "nodes": args.nodes, "batch": args.batch, "model": args.model, **m.as_dict()}
             for m in results]
     bp = next((r["peak_bytes"] for r in rows if r["rule"] == "bp"), None)
@@ -126,17 +153,24 @@ def run_model(args) -> int:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     (out / "profile.json").write_text(json.dumps(rows, indent=2))
-    local = next((r for r in rules if r not in ("bp", "bp+checkpoint")), None)
-    lines = [_timeline(factory, "bp", None, x, y, loss, args.hooks)] + \
-        ([_timeline(factory, local, args.nodes, x, y, loss, args.hooks)] if local else [])
+    first = next((r for r in rules if r not in ("bp", "bp+checkpoint")), None)
+    lines = [_timeline(factory, "bp", None, x, y, loss, args.hooks, every)[0]]
+    if first:
+        line, net = _timeline(factory, first, args.nodes, x, y, loss, args.hooks, {**every, **local})
+        lines.append(line)
+        if not args.hooks:  # which node sets the local step's peak
+            peaks = ", ".join(f"{p / 2**20:.1f}" for p in memory.node_peaks(net, line))
+            print(f"{first}: each node's step peak, MiB: {peaks}")
     plot_model(rows, lines, out / "profile.png")
     print(f"wrote {out / 'profile.json'} and {out / 'profile.png'}")
     return 0
 
 
-def _timeline(factory, rule: str, nodes: int | None, x, y, loss, hooks: bool) -> memory.Timeline:
+def _timeline(factory, rule: str, nodes: int | None, x, y, loss, hooks: bool, options: dict):
+    """(the allocator's timeline of one step, the network) of ``rule`` on a fresh model."""
     torch.manual_seed(0)
-    return memory.timeline(lp.localize(factory(), rule, nodes=nodes, loss=loss, hooks=hooks), x, y)
+    net = lp.localize(factory(), rule, nodes=nodes, loss=loss, hooks=hooks, **options)
+    return memory.timeline(net, x, y), net
 
 
 def plot_model(rows: list[dict], lines: list[memory.Timeline], path: Path) -> None:
@@ -199,6 +233,16 @@ def register(sub) -> None:
     p.add_argument("--hooks", action="store_true",
                    help=f"with --model: localize through hooks on the model's own forward, for models torch.fx "
                         f"cannot trace such as HuggingFace's (rules {' '.join(HOOKED_RULES)})")
+    p.add_argument("--balance", default="count", choices=("count", "params", "memory", "time"),
+                   help="with --model: how the local rules' nodes are balanced (localize's balance=; default count)")
+    p.add_argument("--checkpoint", action="store_true",
+                   help="with --model: the local rules recompute each block inside its node's backward")
+    p.add_argument("--step-in-backward", action="store_true",
+                   help="with --model: the local rules step each parameter as its gradient arrives")
+    p.add_argument("--lean", action="store_true",
+                   help="with --model: BatchNorms whose backward keeps less (localize's lean=; every rule)")
+    p.add_argument("--channels-last", action="store_true",
+                   help="with --model and image inputs: the model and batch in channels_last (every rule)")
     p.set_defaults(func=run)
 
 
