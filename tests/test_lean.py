@@ -227,6 +227,7 @@ def test_localize_lean_trains_a_traced_model_as_the_plain_one():
         model = Residual().double()
         net = lp.localize(model, num_classes=5, lean=lean, example_input=x, checkpoint=True, nodes=2,
                           optimizer=lambda p: torch.optim.SGD(p, lr=0.1, momentum=0.9))
+        assert any(type(m) is BatchNorm for m in net.modules()) == lean  # the nodes call the lean layers
         for _ in range(3):
             net.train_step(x, y)
         states.append(model.state_dict())
