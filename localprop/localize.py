@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import contextlib
+import functools
 import itertools
 import math
 import statistics
@@ -113,22 +114,24 @@ class Segments(nn.Sequential):
         return h
 
 
-def part_costs(parts: Sequence[list[nn.Module]], balance: str, example: torch.Tensor | None) -> list[float] | None:
+def part_costs(parts: Sequence[list[nn.Module]], balance: str, example: torch.Tensor | None,
+               step_in_backward: bool = False) -> list[float] | None:
     """A cost per part for ``balance``: None for "count"; its parameter count for
     "params"; measured on a dry run through the parts on ``example`` [B, ...] for "memory"
     (the allocator peak of the part's forward and backward in training mode: the
     activations it keeps for its backward are what a node of several parts holds
-    together, so they add up) and "time" (the median of 3 timed forward and backward
-    passes after a warm-up: a timing, so two runs can split differently). The model is
-    left as it was: gradients, buffers (BatchNorm's running statistics) and the random
-    state are restored (see :func:`_dry_run`)."""
+    together, so they add up; with ``step_in_backward`` each parameter's gradient is freed
+    as it is accumulated, as a step in the backward frees it) and "time" (the median of 3
+    timed forward and backward passes after a warm-up: a timing, so two runs can split
+    differently). The model is left as it was: gradients, buffers (BatchNorm's running
+    statistics) and the random state are restored (see :func:`_dry_run`)."""
     if balance == "count":
         return None
     if balance == "params":
         return [float(sum(p.numel() for m in part for p in m.parameters())) for part in parts]
     if example is None:
         raise ValueError(f"localize(balance={balance!r}) measures each block on a dry run: give example_input")
-    return [_measure(block, u, balance) for block, u in _dry_inputs(parts, example)]
+    return [_measure(block, u, balance, step_in_backward) for block, u in _dry_inputs(parts, example)]
 
 
 def _dry_inputs(parts: Sequence[list[nn.Module]], example: torch.Tensor) -> Iterator[tuple[nn.Module, torch.Tensor]]:
@@ -163,8 +166,9 @@ def _dry_run(block: nn.Module, device: torch.device) -> Iterator[None]:
             p.grad = grad
 
 
-def _measure(block: nn.Module, u: torch.Tensor, balance: str) -> float:
-    """``block``'s forward-and-backward cost on input u for ``balance`` ("memory": bytes, "time": s)."""
+def _measure(block: nn.Module, u: torch.Tensor, balance: str, step_in_backward: bool = False) -> float:
+    """``block``'s forward-and-backward cost on input u for ``balance`` ("memory": bytes,
+    "time": s); with ``step_in_backward`` the gradients are freed as they are accumulated."""
     # the output's gradient as sum's (an expanded scalar, no allocation): a head's is freed
     # once the last layer's backward has used it, while a full tensor given to backward()
     # would stay alive through the whole backward and count one map too many
@@ -177,7 +181,7 @@ def _measure(block: nn.Module, u: torch.Tensor, balance: str) -> float:
         for p in block.parameters():  # but the gradients are: a step starts without them
             p.grad = None
         if balance == "memory":
-            with memory.track_peak(u.device) as peak:
+            with _freeing_gradients(block, step_in_backward), memory.track_peak(u.device) as peak:
                 step()
             return float(peak.bytes)
         times = []
@@ -186,6 +190,24 @@ def _measure(block: nn.Module, u: torch.Tensor, balance: str) -> float:
             step()
             times.append(time.perf_counter() - start)
         return statistics.median(times)
+
+
+@contextlib.contextmanager
+def _freeing_gradients(block: nn.Module, free: bool) -> Iterator[None]:
+    """Within, with ``free``: each of ``block``'s gradients is dropped once accumulated, as
+    a step in the backward (localprop.optim.stepping_in_backward) drops it after its step,
+    so that a dry run measures what such a step holds (the optimizer's own temporaries
+    aside)."""
+    def drop(p: torch.Tensor) -> None:
+        p.grad = None
+
+    handles = [p.register_post_accumulate_grad_hook(drop) for p in block.parameters() if p.requires_grad] \
+        if free else []
+    try:
+        yield
+    finally:
+        for handle in handles:
+            handle.remove()
 
 
 def localize(model: nn.Module | Sequence[nn.Module], rule: str | rules.Rule = "greedy", *,
@@ -233,7 +255,8 @@ def localize(model: nn.Module | Sequence[nn.Module], rule: str | rules.Rule = "g
         balance: what the K nodes balance (see :func:`part_costs`): "count" of blocks
             (default), "params", "memory" (each block's measured step memory, so that no
             node's autograd working set, e.g. a high-resolution stage's, sets the step's
-            peak alone; for an nn.Sequential its pooling layers may then start nodes
+            peak alone; measured with each gradient freed as it arrives under
+            ``step_in_backward``; for an nn.Sequential its pooling layers may then start nodes
             rather than end them, whichever measures the lower peak, see
             :func:`units`) or "time"; "memory" and "time" need ``example_input``.
         example_input: a batch [B, ...] for the dry run that finds every node's output shape
@@ -326,7 +349,7 @@ def _localize_blocks(model, nodes, balance, example_input, checkpoint, lean, com
         for m in children:
             replaced += make_lean(m)
     if nodes is not None and balance == "memory":
-        blocks = join(*_memory_parts(children, nodes, example_input), checkpoint)
+        blocks = join(*_memory_parts(children, nodes, example_input, common["step_in_backward"]), checkpoint)
     else:
         parts = units(children)
         costs = part_costs(parts, balance, example_input) if nodes is not None else None
@@ -334,27 +357,29 @@ def _localize_blocks(model, nodes, balance, example_input, checkpoint, lean, com
     return LocalSequential(*blocks, **common)
 
 
-def _memory_parts(children: list[nn.Module], nodes: int, example: torch.Tensor | None):
+def _memory_parts(children: list[nn.Module], nodes: int, example: torch.Tensor | None, step_in_backward: bool):
     """(parts, counts) for balance="memory": for each placement of pooling layers (ending
     a unit, or starting the next: see :func:`units`), the split of least summed part cost
     (:func:`part_costs`), then refined on measured group peaks (:func:`_refine`); the
     placement whose nodes measure the lower largest peak wins. The parts' costs only add
     up approximately (a group also holds the gradients between its parts), so the split
-    is checked on what a whole group measures."""
+    is checked on what a whole group measures. ``step_in_backward``: measured with the
+    gradients freed as they arrive (see :func:`part_costs`)."""
     _check_nodes(nodes, len(units(children)))  # pools starting units only add units
     best = None
     for pool_first in (False, True):
         parts = units(children, pool_first)
         if best is not None and parts == best[0]:
             continue
-        costs = part_costs(parts, "memory", example)
-        counts, peak = _refine(parts, group_counts(len(parts), nodes, costs), example)
+        costs = part_costs(parts, "memory", example, step_in_backward)
+        counts, peak = _refine(parts, group_counts(len(parts), nodes, costs), example, step_in_backward)
         if best is None or peak < best[2]:
             best = (parts, counts, peak)
     return best[0], best[1]
 
 
-def _refine(parts: list[list[nn.Module]], counts: list[int], example: torch.Tensor) -> tuple[list[int], float]:
+def _refine(parts: list[list[nn.Module]], counts: list[int], example: torch.Tensor,
+            step_in_backward: bool) -> tuple[list[int], float]:
     """(counts, largest peak): ``counts`` after moving node boundaries one part at a time
     while that lowers the largest measured group peak, and that peak. Each group is
     measured once on a dry run (:func:`_measure`); the inputs of every part are kept for
@@ -365,7 +390,7 @@ def _refine(parts: list[list[nn.Module]], counts: list[int], example: torch.Tens
     def peak(i: int, j: int) -> float:  # the group's input is alive through its step too
         if (i, j) not in cache:
             group = nn.Sequential(*[m for part in parts[i:j] for m in part])
-            cache[i, j] = _measure(group, inputs[i], "memory") + memory.tensor_bytes([inputs[i]])
+            cache[i, j] = _measure(group, inputs[i], "memory", step_in_backward) + memory.tensor_bytes([inputs[i]])
         return cache[i, j]
 
     def peaks(cuts: list[int]) -> list[float]:
@@ -400,7 +425,8 @@ def _localize_traced(model, nodes, split_points, block, inputs, balance, example
         blocks = _called(model, blocks, inputs)
         count = _node_count(model, blocks, nodes)
         if balance == "memory" and (count < len(blocks) or nodes is not None):
-            starts = _memory_starts(model, blocks, inputs, count, example_input, checkpoint)
+            starts = _memory_starts(model, blocks, inputs, count, example_input, checkpoint,
+                                    common["step_in_backward"])
         else:
             costs = _block_costs(model, blocks, inputs, balance, example_input) if count < len(blocks) else None
             starts = _starts(blocks, count, costs)
@@ -460,7 +486,7 @@ def _block_costs(model, blocks, inputs, balance, example) -> list[float] | None:
     return [cost for cost, _ in _traced_costs(model, blocks[1:], blocks, inputs, balance, example)]
 
 
-def _memory_starts(model, blocks, inputs, count, example, checkpoint) -> list[str]:
+def _memory_starts(model, blocks, inputs, count, example, checkpoint, step_in_backward) -> list[str]:
     """The blocks that start nodes 1..count-1 for balance="memory". The units are the
     blocks and, when it has parameters, the code before the first one (a stem), measured
     each on a dry run. A node's peak is estimated as its units' summed costs, or with
@@ -468,18 +494,20 @@ def _memory_starts(model, blocks, inputs, count, example, checkpoint) -> list[st
     unit's plus the inputs it keeps of the others. Two splits of least largest estimate
     are candidates, with the stem joining the first block and with the stem free to be a
     node alone; the estimates only approximate a node's peak, so where the two differ
-    their nodes are measured and the lower largest peak wins."""
+    their nodes are measured and the lower largest peak wins. ``step_in_backward``: every
+    measurement with the gradients freed as they arrive (see :func:`part_costs`)."""
+    measure = functools.partial(_traced_costs, model, blocks=blocks, inputs=inputs, balance="memory",
+                                example=example, step_in_backward=step_in_backward)
     stem = trace.split(model, blocks[:1], blocks, inputs).nodes[0]
     if not any(True for _ in stem.parameters()):  # nothing before the first block learns: it joins the block
-        costs, held = zip(*_traced_costs(model, blocks[1:], blocks, inputs, "memory", example))
+        costs, held = zip(*measure(blocks[1:]))
         return _estimated_starts(costs, held, blocks, count, checkpoint)
-    costs, held = zip(*_traced_costs(model, blocks, blocks, inputs, "memory", example))  # the stem, each block
+    costs, held = zip(*measure(blocks))  # the stem, each block
     joined, alone = (_estimated_starts(costs, held, [None, *blocks], count, checkpoint, stem_alone)
                      for stem_alone in (False, True))
     if joined == alone:
         return joined
-    peaks = [max(c + b for c, b in _traced_costs(model, starts, blocks, inputs, "memory", example, checkpoint))
-             for starts in (joined, alone)]
+    peaks = [max(c + b for c, b in measure(starts, checkpoint=checkpoint)) for starts in (joined, alone)]
     return joined if peaks[0] <= peaks[1] else alone
 
 
@@ -496,9 +524,11 @@ def _estimated_starts(costs, held, units, count, checkpoint, stem_alone=True) ->
     return [units[i] for i in itertools.accumulate(group_counts(len(units), count, costs, peak)[:-1])]
 
 
-def _traced_costs(model, starts, blocks, inputs, balance, example, checkpoint=False) -> list[tuple[float, int]]:
+def _traced_costs(model, starts, blocks, inputs, balance, example, checkpoint=False,
+                  step_in_backward=False) -> list[tuple[float, int]]:
     """(cost for ``balance``, input bytes) of each node of ``model`` cut at ``starts``
-    (checkpointed inside with ``checkpoint``), on a dry run from ``example``."""
+    (checkpointed inside with ``checkpoint``), on a dry run from ``example`` (gradients
+    freed as they arrive with ``step_in_backward``)."""
     if example is None:
         raise ValueError(f"localize(balance={balance!r}) measures each block on a dry run: give example_input")
     cut = trace.split(model, starts, blocks, inputs, checkpoint)
@@ -506,7 +536,7 @@ def _traced_costs(model, starts, blocks, inputs, balance, example, checkpoint=Fa
     out, h = [], example
     for node in cut.nodes:
         node.values = values
-        out.append((_measure(node, h, balance), memory.tensor_bytes([h])))
+        out.append((_measure(node, h, balance, step_in_backward), memory.tensor_bytes([h])))
         with torch.no_grad(), _dry_run(node, h.device):
             h = node(h)
     return out

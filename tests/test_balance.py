@@ -1,5 +1,7 @@
 """localize(balance=...): nodes balanced by parameters or by each block's measured step
 memory, so that a high-resolution block does not set the step's peak alone."""
+import sys
+
 import pytest
 import torch
 from torch import nn
@@ -64,6 +66,39 @@ def test_a_parts_memory_counts_its_parameter_gradients():
     part = [nn.Linear(512, 512), nn.ReLU(), nn.Linear(512, 512)]
     (cost,) = part_costs([part], "memory", torch.randn(2, 512))
     assert cost >= 2 * 512 * 512 * 4
+
+
+@pytest.mark.skipif(memory.cpu_counter() is None, reason="needs the C++ extension's counting allocator")
+def test_a_parts_memory_with_steps_in_the_backward_holds_one_gradient_at_a_time():
+    """With step_in_backward the dry run frees each gradient once accumulated, as such a
+    step does: the part of two 1 MiB weights holds one weight's gradient at a time."""
+    torch.manual_seed(0)
+    part = [nn.Linear(512, 512), nn.ReLU(), nn.Linear(512, 512)]
+    x, grad = torch.randn(2, 512), 512 * 512 * 4
+    (held,) = part_costs([part], "memory", x)
+    (freed,) = part_costs([part], "memory", x, step_in_backward=True)
+    assert grad <= freed < 2 * grad <= held
+    assert all(p.grad is None for m in part for p in m.parameters())
+
+
+@pytest.mark.parametrize("traced", [False, True])
+def test_memory_balance_measures_as_the_step_will_run(traced, monkeypatch):
+    """localize(balance="memory", step_in_backward=True) measures every dry run with the
+    gradients freed as they arrive, on an nn.Sequential and on a traced model."""
+    localize_module = sys.modules["localprop.localize"]  # the module, not lp.localize the function
+    seen = []
+    measure = localize_module._measure
+    monkeypatch.setattr(localize_module, "_measure",
+                        lambda block, u, balance, step_in_backward=False:
+                        seen.append(step_in_backward) or measure(block, u, balance, step_in_backward))
+    torch.manual_seed(0)
+    model = lp.zoo.resnet18(width=4, classes=5) if traced else vgg()
+    x = torch.randn(4, 3, 12, 12) if traced else torch.randn(4, 3, 32, 32)
+    for step_in_backward in (False, True):
+        seen.clear()
+        lp.localize(model, num_classes=None if traced else 10, nodes=3, balance="memory", example_input=x,
+                    step_in_backward=step_in_backward)
+        assert seen and set(seen) == {step_in_backward}
 
 
 def test_balance_errors():
