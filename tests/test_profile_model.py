@@ -75,8 +75,8 @@ def test_profile_command_with_every_memory_option(tmp_path, capsys):
     (["--model", "tests.test_profile_model:tiny_gpt"], "give --input-shape C,H,W"),
     (["--model", "tests.test_profile_model:tiny_gpt", "--tokens", "32,10", "--channels-last"],
      "--channels-last: expected image inputs --input-shape C,H,W, got a batch of shape [128, 10]"),
-    (["--model", "tests.test_profile_model:tiny_gpt", "--tokens", "32,10", "--hooks", "--lean"],
-     "--hooks: --lean, --checkpoint and --balance memory or time need a traced model"),
+    (["--model", "tests.test_profile_model:tiny_gpt", "--tokens", "32,10", "--hooks", "--checkpoint"],
+     "localize(hooks=True): checkpoint=True needs the model cut into standalone nodes"),
     (["--model", "tests.test_profile_model:nothing", "--tokens", "3,4"], "importable"),
     (["--model", "tests.test_profile_model:tiny_gpt", "--tokens", "32"], "expected VOCAB,SEQ"),
 ])

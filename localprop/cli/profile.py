@@ -111,11 +111,8 @@ def model_options(args, x: torch.Tensor) -> tuple[dict, dict]:
     checkpointing inside nodes and steps in the backward are a local network's."""
     every = {"lean": True} if args.lean else {}
     local = {"checkpoint": args.checkpoint, "step_in_backward": args.step_in_backward}
-    if args.balance != "count":
+    if args.balance != "count":  # localize(hooks=True) refuses what it cannot do, by name
         local.update(balance=args.balance, example_input=x)
-    if args.hooks and (args.lean or args.checkpoint or args.balance in ("memory", "time")):
-        raise ValueError("--hooks: --lean, --checkpoint and --balance memory or time need a traced model (without "
-                         "--hooks); with hooks, switch on the model's own checkpointing in its factory")
     return every, local
 
 
