@@ -54,3 +54,25 @@ def test_gradients_kept_between_steps_are_seen_freed():
         buf = torch.empty(512, 512)     # +1 MiB: back at the start, no higher
     assert peak.bytes == 0
     del buf
+
+
+def test_the_fused_update_holds_the_same_scratch_however_its_threads_overlap():
+    """The CPU update forms the weight's gradient tile by tile, one chunk of tiles per
+    thread. Each chunk's tile is allocated before the threads start, so one update's peak
+    is every chunk's tile, whether or not the two threads happen to run at the same time
+    (allocated by each thread, it was one tile or two depending on that timing). For a
+    [256, 256] float32 weight and 2 threads: 2 chunks of one 128-row tile, 2 · 128 · 256 · 4
+    bytes."""
+    w, buf = torch.randn(256, 256), torch.zeros(256, 256)
+    err, inp = torch.randn(128, 256), torch.randn(128, 256)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        peaks = set()
+        for _ in range(20):
+            with memory.track_peak("cpu") as peak:
+                torch.ops.localprop.sgd_update_(w, err, inp, buf, 0.01, 0.9, 0.0, 0.0, False, False, False)
+            peaks.add(peak.bytes)
+    finally:
+        torch.set_num_threads(threads)
+    assert peaks == {2 * 128 * 256 * 4}

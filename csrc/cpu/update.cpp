@@ -124,14 +124,22 @@ void for_each_grad_tile(const at::Tensor& param, const at::Tensor& err, const c1
   const int64_t threads = useful_threads(n, k);
   const int64_t rows_per_tile = tile_rows(n, k, err.size(0), sizeof(T), threads);
   const int64_t tiles = (n + rows_per_tile - 1) / rows_per_tile;
-  // a grain of tiles/threads: one chunk per useful thread, inline when that is one
-  at::parallel_for(0, tiles, (tiles + threads - 1) / threads, [&](int64_t t0, int64_t t1) {
-    at::Tensor tile = at::empty({rows_per_tile, k}, param.options());
-    for (int64_t t = t0; t < t1; ++t) {
-      const int64_t r0 = t * rows_per_tile, rows = std::min(rows_per_tile, n - r0);
-      at::Tensor out = tile.narrow(0, 0, rows);
-      at::mm_out(out, err.narrow(1, r0, rows).t(), *inp);
-      body(out.data_ptr<T>(), r0 * k, rows * k);
+  // chunks of consecutive tiles, one per useful thread (inline when that is one), each
+  // with its own tile buffer allocated before the parallel region, not by each thread
+  // inside it: the update's peak memory is then the same however the threads' runs
+  // happen to overlap in time
+  const int64_t per_chunk = (tiles + threads - 1) / threads;
+  const int64_t chunks = (tiles + per_chunk - 1) / per_chunk;
+  const at::Tensor buffers = at::empty({chunks, rows_per_tile, k}, param.options());
+  at::parallel_for(0, chunks, 1, [&](int64_t c0, int64_t c1) {
+    for (int64_t c = c0; c < c1; ++c) {
+      const at::Tensor tile = buffers[c];
+      for (int64_t t = c * per_chunk; t < std::min(tiles, (c + 1) * per_chunk); ++t) {
+        const int64_t r0 = t * rows_per_tile, rows = std::min(rows_per_tile, n - r0);
+        at::Tensor out = tile.narrow(0, 0, rows);
+        at::mm_out(out, err.narrow(1, r0, rows).t(), *inp);
+        body(out.data_ptr<T>(), r0 * k, rows * k);
+      }
     }
   });
 }
