@@ -269,27 +269,38 @@ def compare_model(model: nn.Module | Callable[[], nn.Module], x: torch.Tensor, y
     kind of step a rule makes is measured (PGL: its period of steps, the global one
     included). x [B, ...], y: a batch and its targets; ``localize_kwargs``: loss, block,
     split_points, inputs, ...; keyword inputs of the model go in ``localize_kwargs["batch_inputs"]``."""
+    batch_inputs = localize_kwargs.pop("batch_inputs", {})
+    return [measure_model_step(model_network(model, name, nodes, **localize_kwargs), name, x, y, **batch_inputs)
+            for name in rules]
+
+
+def model_network(model: nn.Module | Callable[[], nn.Module], rule: str, nodes: int | None,
+                  **localize_kwargs) -> nn.Module:
+    """The network :func:`compare_model` measures for ``rule``: a fresh copy of ``model``
+    (or ``model()``, seeded 0) localized into ``nodes`` nodes, or run end to end for "bp"
+    and "bp+checkpoint" (every block checkpointed)."""
     from . import rules as rule_registry
     from .localize import localize
 
-    batch_inputs = localize_kwargs.pop("batch_inputs", {})
-    out = []
-    for name in rules:
-        torch.manual_seed(0)
-        fresh = model() if not isinstance(model, nn.Module) else copy.deepcopy(model)
-        rule = rule_registry.resolve(name)
-        baseline = rule.name in ("bp", "bp+checkpoint")
-        if rule.name == "bp+checkpoint":
-            rule = rule_registry.BP(checkpoint=True, segment=1)  # one checkpointed segment per block
-        kwargs = dict(localize_kwargs)
-        if not ("split_points" in kwargs and baseline):
-            kwargs["nodes"] = None if baseline else nodes
-        # with hooks, by name: a hooked network picks its own form of a rule (pgl's global steps without checkpointing)
-        net = localize(fresh, name if kwargs.get("hooks") else rule, **kwargs)
-        m = measure_step(net, x, y, steps=max(1, getattr(rule, "period", 1)), **batch_inputs)
-        m.rule = name
-        out.append(m)
-    return out
+    torch.manual_seed(0)
+    fresh = model() if not isinstance(model, nn.Module) else copy.deepcopy(model)
+    resolved = rule_registry.resolve(rule)
+    baseline = resolved.name in ("bp", "bp+checkpoint")
+    if resolved.name == "bp+checkpoint":
+        resolved = rule_registry.BP(checkpoint=True, segment=1)  # one checkpointed segment per block
+    kwargs = dict(localize_kwargs)
+    if not ("split_points" in kwargs and baseline):
+        kwargs["nodes"] = None if baseline else nodes
+    # with hooks, by name: a hooked network picks its own form of a rule (pgl's global steps without checkpointing)
+    return localize(fresh, rule if kwargs.get("hooks") else resolved, **kwargs)
+
+
+def measure_model_step(net: nn.Module, rule: str, x, y, **inputs) -> StepMemory:
+    """:func:`measure_step` over every kind of step the rule makes (its period), the
+    result named ``rule`` as given."""
+    m = measure_step(net, x, y, steps=max(1, getattr(net.rule, "period", 1)), **inputs)
+    m.rule = rule
+    return m
 
 
 @dataclass

@@ -134,11 +134,17 @@ def run_model(args) -> int:
         factory, x = channels_last(factory, x)
     every, local = model_options(args, x)
     rules = list(args.rules or (HOOKED_RULES if args.hooks else MODEL_RULES))
-    results = []
+    first = next((r for r in rules if r not in ("bp", "bp+checkpoint")), None)
+    results, kept = [], {}  # kept: the networks whose timelines are drawn, bp's and the first local rule's
     for rule in tqdm(rules, desc="profile", disable=args.quiet, leave=False):
         options = every if rule in ("bp", "bp+checkpoint") else {**every, **local}
-        results += memory.compare_model(factory, x, y, rules=[rule], nodes=args.nodes, loss=loss, hooks=args.hooks,
-                                        **options)
+        net = memory.model_network(factory, rule, args.nodes, loss=loss, hooks=args.hooks, **options)
+        results.append(memory.measure_model_step(net, rule, x, y))
+        if rule in ("bp", first):  # timelines from the networks measured: a memory balance runs once
+            kept[rule] = net
+    if "bp" not in kept:  # bp's line is the reference in the plot
+        kept["bp"] = memory.model_network(factory, "bp", None, loss=loss, hooks=args.hooks, **every)
+    lines = [memory.timeline(kept[rule], x, y) for rule in ("bp", first) if rule in kept]
     rows = [{"rule": m.rule, "nodes": args.nodes, "batch": args.batch, "model": args.model, **m.as_dict()}
             for m in results]
     bp = next((r["peak_bytes"] for r in rows if r["rule"] == "bp"), None)
@@ -150,24 +156,12 @@ def run_model(args) -> int:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     (out / "profile.json").write_text(json.dumps(rows, indent=2))
-    first = next((r for r in rules if r not in ("bp", "bp+checkpoint")), None)
-    lines = [_timeline(factory, "bp", None, x, y, loss, args.hooks, every)[0]]
-    if first:
-        line, net = _timeline(factory, first, args.nodes, x, y, loss, args.hooks, {**every, **local})
-        lines.append(line)
-        if not args.hooks:  # which node sets the local step's peak
-            peaks = ", ".join(f"{p / 2**20:.1f}" for p in memory.node_peaks(net, line))
-            print(f"{first}: each node's step peak, MiB: {peaks}")
+    if first in kept and not args.hooks:  # which node sets the local step's peak
+        peaks = ", ".join(f"{p / 2**20:.1f}" for p in memory.node_peaks(kept[first], lines[1]))
+        print(f"{first}: each node's step peak, MiB: {peaks}")
     plot_model(rows, lines, out / "profile.png")
     print(f"wrote {out / 'profile.json'} and {out / 'profile.png'}")
     return 0
-
-
-def _timeline(factory, rule: str, nodes: int | None, x, y, loss, hooks: bool, options: dict):
-    """(the allocator's timeline of one step, the network) of ``rule`` on a fresh model."""
-    torch.manual_seed(0)
-    net = lp.localize(factory(), rule, nodes=nodes, loss=loss, hooks=hooks, **options)
-    return memory.timeline(net, x, y), net
 
 
 def plot_model(rows: list[dict], lines: list[memory.Timeline], path: Path) -> None:
