@@ -1,4 +1,4 @@
-"""What each fused CPU op costs beyond its own GEMMs, one node of width W at batch 256.
+"""What each fused CPU op costs beyond its own GEMMs, one node of width W at batch B.
 
 Each op and the GEMMs it cannot avoid are timed alternately, 41 pairs; the median of the
 paired differences is printed, so that drift in a shared machine's load cancels:
@@ -6,7 +6,7 @@ paired differences is printed, so that drift in a shared machine's load cancels:
 - head_error (softmax cross-entropy, error, ReLU mask) against h Aᵀ and dlogits A;
 - the SGD-with-momentum update of W against errᵀ u.
 
-    python bench/op_overhead.py [--widths 256 1024]
+    python bench/op_overhead.py [--widths 256 1024] [--batches 256 1024 4096]
 """
 from __future__ import annotations
 
@@ -19,7 +19,7 @@ import torch
 from localprop import ops
 from localprop.ops import backends
 
-B, C = 256, 10
+C = 10  # classes of the head
 
 
 def per_call(fn, n: int) -> float:
@@ -40,29 +40,35 @@ def extra_us(op, gemms, n: int, pairs: int = 41) -> float:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--widths", type=int, nargs="+", default=[256, 1024])
+    parser.add_argument("--batches", type=int, nargs="+", default=[256])
     args = parser.parse_args()
     reason = backends.why_unavailable("cpp", torch.device("cpu"))
     if reason:
         raise SystemExit(reason)
     for w in args.widths:
-        n = max(2, 10 * 256 ** 2 // w ** 2)
-        u, wt, b = torch.randn(B, w), torch.randn(w, w) * 0.03, torch.randn(w)
-        a, c, y = torch.randn(C, w) * 0.03, torch.randn(C), torch.randint(0, C, (B,))
-        h, aux = ops.transform(u, wt, b, "relu", "cpp")
-        out = ops.head_error(h, aux, a, c, y, "relu", backend="cpp")
-        buf, z, logits, g, dw = (torch.zeros(w, w), torch.empty(B, w), torch.empty(B, C), torch.empty(B, w),
-                                 torch.empty(w, w))
-        rows = {
-            "transform": extra_us(lambda: ops.transform(u, wt, b, "relu", "cpp"),
-                                  lambda: torch.mm(u, wt.t(), out=z), n),
-            "head_error": extra_us(lambda: ops.head_error(h, aux, a, c, y, "relu", backend="cpp"),
-                                   lambda: (torch.mm(h, a.t(), out=logits), torch.mm(logits, a, out=g)), n),
-            "sgd update of W": extra_us(
-                lambda: torch.ops.localprop.sgd_update_(wt, out.err, u, buf, 1e-6, 0.9, 0.0, 0.0, False, False, False),
-                lambda: torch.mm(out.err.t(), u, out=dw), n),
-        }
-        for name, us in rows.items():
-            print(f"width {w:5d}  {name:16s} {us:8.1f} us beyond its GEMMs")
+        for b in args.batches:
+            for name, us in overheads(w, b).items():
+                print(f"width {w:5d}  batch {b:5d}  {name:16s} {us:8.1f} us beyond its GEMMs")
+
+
+def overheads(w: int, B: int) -> dict[str, float]:
+    """Each op's median time beyond its GEMMs (µs) for one node of width w at batch B."""
+    n = max(2, 10 * 256 ** 3 // (w ** 2 * B))
+    u, wt, b = torch.randn(B, w), torch.randn(w, w) * 0.03, torch.randn(w)
+    a, c, y = torch.randn(C, w) * 0.03, torch.randn(C), torch.randint(0, C, (B,))
+    h, aux = ops.transform(u, wt, b, "relu", "cpp")
+    out = ops.head_error(h, aux, a, c, y, "relu", backend="cpp")
+    buf, z, logits, g, dw = (torch.zeros(w, w), torch.empty(B, w), torch.empty(B, C), torch.empty(B, w),
+                             torch.empty(w, w))
+    return {
+        "transform": extra_us(lambda: ops.transform(u, wt, b, "relu", "cpp"),
+                              lambda: torch.mm(u, wt.t(), out=z), n),
+        "head_error": extra_us(lambda: ops.head_error(h, aux, a, c, y, "relu", backend="cpp"),
+                               lambda: (torch.mm(h, a.t(), out=logits), torch.mm(logits, a, out=g)), n),
+        "sgd update of W": extra_us(
+            lambda: torch.ops.localprop.sgd_update_(wt, out.err, u, buf, 1e-6, 0.9, 0.0, 0.0, False, False, False),
+            lambda: torch.mm(out.err.t(), u, out=dw), n),
+    }
 
 
 if __name__ == "__main__":
