@@ -4,7 +4,9 @@ Each op and the GEMMs it cannot avoid are timed alternately, 41 pairs; the media
 paired differences is printed, so that drift in a shared machine's load cancels:
 - transform (bias + ReLU + mask pass) against u Wᵀ;
 - head_error (softmax cross-entropy, error, ReLU mask) against h Aᵀ and dlogits A;
-- the SGD-with-momentum update of W against errᵀ u.
+- the SGD-with-momentum update of W against errᵀ u;
+- and, against nothing, one pass that reads W and its momentum buffer and writes W: less
+  traffic than any momentum step of W can make, so no update can cost less beyond its GEMM.
 
     python bench/op_overhead.py [--widths 256 1024] [--batches 256 1024 4096]
 """
@@ -68,6 +70,7 @@ def overheads(w: int, B: int) -> dict[str, float]:
         "sgd update of W": extra_us(
             lambda: torch.ops.localprop.sgd_update_(wt, out.err, u, buf, 1e-6, 0.9, 0.0, 0.0, False, False, False),
             lambda: torch.mm(out.err.t(), u, out=dw), n),
+        "W, momentum pass": extra_us(lambda: torch.add(wt, buf, alpha=-1e-6, out=dw), lambda: None, n),
     }
 
 
