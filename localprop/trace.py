@@ -23,9 +23,9 @@ from dataclasses import dataclass
 from typing import Iterable, Sequence
 
 import torch
-import torch.utils.checkpoint
 from torch import fx, nn
 
+from . import recompute
 from .lean import BatchNorm
 from .nodes import ModuleNode
 
@@ -367,10 +367,9 @@ class _Run(nn.Module):
 
 def checkpointed(module: nn.Module, *args, **kwargs):
     """``module(*args, **kwargs)``, its activations recomputed in the backward when
-    autograd records (torch.utils.checkpoint, non-reentrant: gradients of any order)."""
-    if not torch.is_grad_enabled():
-        return module(*args, **kwargs)
-    return torch.utils.checkpoint.checkpoint(module, *args, use_reentrant=False, **kwargs)
+    autograd records, running statistics updated once (:func:`localprop.recompute.recomputed`)."""
+    runs = module.graph_module if isinstance(module, _Run) else module
+    return recompute.recomputed(module, *args, modules=runs.modules(), **kwargs)
 
 
 # ---- small helpers ----------------------------------------------------------------------

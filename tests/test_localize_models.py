@@ -395,6 +395,15 @@ def test_checkpointing_inside_nodes_learns_the_same_in_less_memory(traced):
     assert peaks[1] < peaks[0]
     for (name, a), b in zip(plain.named_parameters(), recomputed.parameters()):
         assert torch.allclose(a, b, rtol=0, atol=1e-10), name
+    assert_same_statistics(plain, recomputed)  # the recomputations left BatchNorm's running statistics alone
+
+
+def assert_same_statistics(plain, recomputed):
+    """The same BatchNorm running statistics (mean, variance, batches counted), float64."""
+    buffers = list(plain.named_buffers())
+    assert any(name.endswith("num_batches_tracked") and int(b) > 0 for name, b in buffers)
+    for (name, a), b in zip(buffers, recomputed.buffers()):
+        assert torch.allclose(a, b, rtol=0, atol=1e-12), name
 
 
 def test_the_pipeline_refuses_models_that_pass_values_beside_the_activation():
@@ -484,6 +493,7 @@ def test_a_node_of_one_block_recomputes_its_first_half():
     ck.train_step(x, y)
     for (name, a), b in zip(plain.named_parameters(), recomputed.parameters()):
         assert torch.allclose(a, b, rtol=0, atol=1e-10), name
+    assert_same_statistics(plain, recomputed)
 
 
 def test_a_one_block_node_that_cannot_be_traced_runs_whole():

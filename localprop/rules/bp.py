@@ -4,9 +4,9 @@ from __future__ import annotations
 import math
 
 import torch
-from torch.utils.checkpoint import checkpoint
 
 from ..errors import check_bool, check_finite, check_int
+from ..recompute import recomputed
 from ..topology import goal_loss, run_forward
 from .base import Rule, StepResult
 
@@ -18,7 +18,8 @@ class BP(Rule):
     Args:
         checkpoint: keep only the inputs of checkpointed segments in the forward pass and
             recompute the rest in the backward pass (torch.utils.checkpoint): the memory
-            competitor a user would otherwise pick. ``rule="bp+checkpoint"``.
+            competitor a user would otherwise pick. ``rule="bp+checkpoint"``. Running
+            statistics are updated once a step (:mod:`localprop.recompute`).
         segment: nodes per checkpointed segment. Default: ceil(sqrt(K)) for K nodes, the
             classic choice that keeps O(sqrt(K)) activations. ``segment=1`` checkpoints
             each node alone, which saves nothing on single-layer nodes (their input is
@@ -48,7 +49,7 @@ class BP(Rule):
             h = self.run_chain(topo.order, feeds[topo.inputs[topo.order[0].name][0]], len(topo.order))
             values = {topo.order[-1].name: h}
         else:
-            call = (lambda node, u: checkpoint(node, u, use_reentrant=False)) if self.checkpoint else \
+            call = (lambda node, u: recomputed(node, u, modules=node.modules())) if self.checkpoint else \
                 (lambda node, u: node(u))
             values = run_forward(topo, feeds, call)
         return sum(goal_loss(g.loss, values[name], targets[g.target]) for name, g in topo.goals.items())
@@ -60,7 +61,8 @@ class BP(Rule):
             return _run_nodes(nodes, h)
         size = self.segment or math.ceil(math.sqrt(total))
         for start in range(0, len(nodes), size):
-            h = checkpoint(_run_nodes, nodes[start:start + size], h, use_reentrant=False)
+            segment = nodes[start:start + size]
+            h = recomputed(_run_nodes, segment, h, modules=(m for node in segment for m in node.modules()))
         return h
 
     def train_step(self, net, x, y, step):
