@@ -266,8 +266,9 @@ def localize(model: nn.Module | Sequence[nn.Module], rule: str | rules.Rule = "g
             stem, a classifier) as one segment per run, so a local step holds the node's
             boundary tensors and one segment's activations, not all of its blocks'; a
             traced node of one block recomputes the block's first half instead
-            (torch.utils.checkpoint: a block's forward runs twice; the recomputation leaves
-            BatchNorm's running statistics as the first forward left them, see
+            (torch.utils.checkpoint: a block's forward runs twice; the recomputation sees
+            the buffers the first forward saw and leaves them as it left them, so
+            BatchNorm's statistics and spectral normalisation move once a step, see
             :mod:`localprop.recompute`).
 
         hooks: train through hooks on the model's own forward instead of a traced split

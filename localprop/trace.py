@@ -367,7 +367,7 @@ class _Run(nn.Module):
 
 def checkpointed(module: nn.Module, *args, **kwargs):
     """``module(*args, **kwargs)``, its activations recomputed in the backward when
-    autograd records, running statistics updated once (:func:`localprop.recompute.recomputed`)."""
+    autograd records, its buffers updated once (:func:`localprop.recompute.recomputed`)."""
     runs = module.graph_module if isinstance(module, _Run) else module
     return recompute.recomputed(module, *args, modules=runs.modules(), **kwargs)
 

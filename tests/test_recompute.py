@@ -1,6 +1,7 @@
-"""Activation checkpointing leaves running statistics as one forward leaves them: a
-checkpointed step's BatchNorm buffers equal those of the same step without checkpointing
-(torch.utils.checkpoint alone runs each BatchNorm's forward twice a step)."""
+"""Activation checkpointing leaves a module's state as one forward leaves it: a
+checkpointed step's BatchNorm statistics and spectral normalisation's power-iteration
+vectors, and the parameters it trains, equal those of the same step without
+checkpointing (torch.utils.checkpoint alone runs each forward twice a step)."""
 import pytest
 import torch
 from torch import nn
@@ -43,6 +44,32 @@ def test_bp_with_checkpointing_updates_running_statistics_once_a_step(momentum, 
         assert torch.allclose(a, b, rtol=0, atol=1e-12)
 
 
+def spectral_blocks():
+    """Three blocks whose linear maps are spectrally normalised (torch.nn.utils.parametrizations):
+    each forward in training mode runs a power iteration on the buffers _u and _v and
+    divides the weight by the estimate, so a second forward would see another weight."""
+    torch.manual_seed(0)
+    sn = nn.utils.parametrizations.spectral_norm
+    return [nn.Sequential(sn(nn.Linear(6, 8)), nn.Tanh()), nn.Sequential(sn(nn.Linear(8, 8)), nn.Tanh()),
+            nn.Sequential(sn(nn.Linear(8, 3)))]
+
+
+@pytest.mark.parametrize("segment", [1, 2])
+def test_bp_with_checkpointing_runs_spectral_normalisation_once_a_step(segment):
+    nets = [lp.LocalSequential(*spectral_blocks(), rule=rule).double()
+            for rule in (BP(), BP(checkpoint=True, segment=segment))]
+    for step in range(3):
+        x, y = batch(step)
+        for net in nets:
+            net.train_step(x, y)
+    plain, checkpointed = (statistics(n) for n in nets)
+    assert any(name.endswith("._u") for name in plain)
+    for name, value in plain.items():
+        assert torch.allclose(value, checkpointed[name], rtol=0, atol=1e-12), name
+    for a, b in zip(*(n.parameters() for n in nets)):
+        assert torch.allclose(a, b, rtol=0, atol=1e-12)
+
+
 def test_a_recomputation_stopped_early_still_restores_the_statistics():
     """torch.utils.checkpoint stops recomputing once the tensors the backward needs exist
     (it raises through the recomputation's context): the statistics are restored then too,
@@ -63,9 +90,66 @@ def test_a_recomputation_stopped_early_still_restores_the_statistics():
     assert torch.allclose(x.grad, grad, rtol=0, atol=1e-12)
 
 
+def test_buffers_the_forward_leaves_unchanged_are_not_kept_until_the_backward():
+    """Only what the forward changed is copied for the recomputation: a constant buffer
+    (a mask, a table) costs no memory between the forward and the backward."""
+    from localprop.recompute import _BufferState
+
+    torch.manual_seed(0)
+    bn = nn.BatchNorm1d(3).double()
+    bn.register_buffer("table", torch.arange(3.0, dtype=torch.float64))
+    state = _BufferState(list(bn.buffers()))
+    forward, _ = state.contexts()
+    with forward:
+        bn(torch.randn(5, 3, dtype=torch.float64))
+    assert {id(buf) for buf, _ in state.changed} == {id(bn.running_mean), id(bn.running_var),
+                                                        id(bn.num_batches_tracked)}
+
+
 def test_without_autograd_the_forward_runs_once_as_it_is():
     torch.manual_seed(0)
     bn = nn.BatchNorm1d(3).double()
     with torch.no_grad():
         recomputed(bn, torch.randn(5, 3, dtype=torch.float64), modules=bn.modules())
     assert int(bn.num_batches_tracked) == 1
+
+
+class SpectralBlock(nn.Module):
+    """A residual block of two spectrally normalised linear maps."""
+
+    def __init__(self, width):
+        super().__init__()
+        self.a = nn.utils.parametrizations.spectral_norm(nn.Linear(width, width))
+        self.b = nn.utils.parametrizations.spectral_norm(nn.Linear(width, width))
+
+    def forward(self, x):
+        return x + self.b(torch.tanh(self.a(x)))
+
+
+class SpectralModel(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.stem = nn.Linear(6, 8)
+        self.layers = nn.Sequential(*[SpectralBlock(8) for _ in range(4)])
+        self.fc = nn.Linear(8, 3)
+
+    def forward(self, x):
+        return self.fc(self.layers(self.stem(x)))
+
+
+# 2 nodes: blocks checkpointed whole inside a node; 4: a node of one block recomputes its first half
+@pytest.mark.parametrize("nodes", [2, 4])
+def test_localize_with_checkpointing_runs_spectral_normalisation_once_a_step(nodes):
+    def trained(checkpoint):
+        torch.manual_seed(0)
+        net = lp.localize(SpectralModel().double(), "greedy", nodes=nodes, checkpoint=checkpoint)
+        for step in range(3):
+            net.train_step(*batch(step))
+        return net
+
+    plain, checkpointed = trained(False), trained(True)
+    buffers = statistics(checkpointed)
+    for name, value in statistics(plain).items():
+        assert torch.allclose(value, buffers[name], rtol=0, atol=1e-12), name
+    for a, b in zip(plain.parameters(), checkpointed.parameters()):
+        assert torch.allclose(a, b, rtol=0, atol=1e-12)

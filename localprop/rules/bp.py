@@ -18,8 +18,8 @@ class BP(Rule):
     Args:
         checkpoint: keep only the inputs of checkpointed segments in the forward pass and
             recompute the rest in the backward pass (torch.utils.checkpoint): the memory
-            competitor a user would otherwise pick. ``rule="bp+checkpoint"``. Running
-            statistics are updated once a step (:mod:`localprop.recompute`).
+            competitor a user would otherwise pick. ``rule="bp+checkpoint"``. Buffers
+            (running statistics) are updated once a step (:mod:`localprop.recompute`).
         segment: nodes per checkpointed segment. Default: ceil(sqrt(K)) for K nodes, the
             classic choice that keeps O(sqrt(K)) activations. ``segment=1`` checkpoints
             each node alone, which saves nothing on single-layer nodes (their input is
