@@ -5,8 +5,8 @@ state of its own would update it twice a step: BatchNorm's running statistics wo
 with momentum 1 − (1 − m)² and ``num_batches_tracked`` (the cumulative average when
 ``momentum=None``) would count every batch twice; spectral normalisation would run two
 power iterations, and the recomputed forward, normalising by the second one's estimate,
-would not be the forward whose gradient the step takes. Here every buffer that the forward
-changed is set back to its value before the forward for the recomputation, and to what the
+would not be the forward whose gradient the step takes. Here every buffer of the modules
+run is set back to its value before the forward for the recomputation, and to what the
 forward left after it: the recomputation is the forward again, and a checkpointed
 network's state is that of the same network run without checkpointing.
 """
@@ -35,16 +35,17 @@ def recomputed(fn: Callable, *args, modules: Iterable[nn.Module], **kwargs):
 
 
 class _BufferState:
-    """The buffers a forward changed, with their values before it (one checkpointed call).
+    """The buffers of one checkpointed call, with their values before its forward.
 
-    Why values, not version counters: native kernels update some buffers in place without
-    bumping their version (BatchNorm's running mean and variance), so a buffer counts as
-    changed when its value after the forward differs from a copy taken before it; copies of
-    the unchanged ones are dropped then, so what stays until the backward is what changed."""
+    Every buffer is copied, not only those the forward changes: telling which changed
+    would need their values compared, a host synchronisation per buffer on CUDA, and
+    version counters cannot tell (native kernels update BatchNorm's running mean and
+    variance without bumping theirs). The copies live from the forward to the
+    recomputation, as many bytes as the call's buffers (BatchNorm's: two floats a channel)."""
 
     def __init__(self, buffers: list[torch.Tensor]) -> None:
         self.buffers = buffers
-        self.changed: list[tuple[torch.Tensor, torch.Tensor]] = []  # (buffer, its value before the forward)
+        self.before: list[torch.Tensor] = []
 
     def contexts(self):
         """(forward context, recomputation context) for torch.utils.checkpoint's context_fn."""
@@ -52,22 +53,23 @@ class _BufferState:
 
     @contextlib.contextmanager
     def _forward(self) -> Iterator[None]:
-        before = [(buf, buf.clone()) for buf in self.buffers]
+        self.before = [buf.clone() for buf in self.buffers]
         yield
-        self.changed = [(buf, value) for buf, value in before if not torch.equal(buf, value)]
 
     @contextlib.contextmanager
     def _recomputation(self) -> Iterator[None]:
-        """Sets the changed buffers back for the recomputation and restores what the
-        forward left on exit (also when the recomputation stops early, which
-        torch.utils.checkpoint does by raising through this context)."""
-        after = [(buf, buf.clone()) for buf, _ in self.changed]
-        with torch.no_grad():
-            for buf, value in self.changed:
-                buf.copy_(value)
+        """Sets the buffers back for the recomputation and restores what the forward left
+        on exit (also when the recomputation stops early, which torch.utils.checkpoint
+        does by raising through this context)."""
+        after = [buf.clone() for buf in self.buffers]
+        _copy(self.buffers, self.before)
         try:
             yield
         finally:
-            with torch.no_grad():
-                for buf, value in after:
-                    buf.copy_(value)
+            _copy(self.buffers, after)
+
+
+def _copy(buffers: list[torch.Tensor], values: list[torch.Tensor]) -> None:
+    with torch.no_grad():
+        for buf, value in zip(buffers, values):
+            buf.copy_(value)
