@@ -1,5 +1,5 @@
 """What every benchmark script shares: the environment stamp of a result row, CSV output in
-the one results schema (localprop.benchresults) and paired timings.
+the one results schema (localprop.benchresults), paired timings and the rule a label names.
 
 A script builds its rows as dicts of its own columns beside stamp()'s; append_rows turns
 each into one schema row per measured figure, by the script's entry in SPECS: which column
@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
+import localprop as lp
 from localprop import benchresults
 
 RESULTS = Path(__file__).resolve().parent / "results"
@@ -120,3 +121,22 @@ def show(title: str, rows: list[dict]) -> None:
     print(" | ".join(keys))
     for r in rows:
         print(" | ".join(f"{r[k]:.3f}" if isinstance(r[k], float) else str(r[k]) for k in keys))
+
+
+def rule_of(name: str):
+    """The rule a label names: a registry name at its defaults, "pgl-own" the PGL with its
+    own global state, or "name:key=value,..." the rule with those keyword arguments
+    (numbers or strings: "sgr:distance=relative,lam=0.1")."""
+    if name == "pgl-own":
+        return lp.rules.PGL(global_state="own")
+    if ":" not in name:
+        return name
+    rule, _, args = name.partition(":")
+    kwargs = {}
+    for item in args.split(","):
+        key, _, value = item.partition("=")
+        try:
+            kwargs[key] = float(value)
+        except ValueError:
+            kwargs[key] = value
+    return lp.rules.REGISTRY[rule](**kwargs)

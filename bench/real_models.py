@@ -12,7 +12,8 @@ alternated in one process so that drift in the machine's load falls on all alike
 ratio to bp's. Greedy runs at every K, as localize() makes it by default, with nodes
 balanced by measured memory plus checkpointing inside the nodes (``balance="memory",
 checkpoint=True``), and with those plus every option that lowers a step's peak
-(``lean=True, step_in_backward=True``); the other rules at ``--rules-at`` K (default 4).
+(``lean=True, step_in_backward=True``); the other rules at ``--rules-at`` K (default 4),
+each a registry name or "name:key=value,..." (``--rules sgr:mode=finite_difference``).
 ``--channels-last`` runs every contender's model and images in channels_last.
 
     python bench/real_models.py [--models resnet18 gpt] [--nodes 2 4 8] [--device cpu] [--channels-last]
@@ -93,7 +94,7 @@ def contenders(nodes: list[int], rule_names, rules_at: int) -> list[tuple[str, o
         out += [("greedy", "greedy", k, {}), ("greedy, memory-balanced + ckpt", "greedy", k, BALANCED),
                 ("greedy, balanced + ckpt + lean + step in bw", "greedy", k, LEANEST)]
         if k == rules_at:
-            out += [(name, name, k, {}) for name in rule_names if name != "greedy"]
+            out += [(name, common.rule_of(name), k, {}) for name in rule_names if name != "greedy"]
     return out
 
 

@@ -54,7 +54,6 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import common  # noqa: E402
 
-import localprop as lp  # noqa: E402
 from localprop import data  # noqa: E402
 from localprop.training import fit  # noqa: E402
 
@@ -99,25 +98,6 @@ def splits() -> tuple[data.Split, torch.Tensor, torch.Tensor]:
     trval = data.Split(full.x_train[:-n_val], full.y_train[:-n_val], full.x_train[-n_val:],
                        full.y_train[-n_val:], full.num_classes)
     return trval, full.x_test, full.y_test
-
-
-def rule_of(name: str):
-    """The rule a label names: a registry name at its defaults, "pgl-own" the PGL with its
-    own global state, or "name:key=value,..." the rule with those keyword arguments
-    (numbers or strings: "sgr:distance=relative,lam=0.1")."""
-    if name == "pgl-own":
-        return lp.rules.PGL(global_state="own")
-    if ":" not in name:
-        return name
-    rule, _, args = name.partition(":")
-    kwargs = {}
-    for item in args.split(","):
-        key, _, value = item.partition("=")
-        try:
-            kwargs[key] = float(value)
-        except ValueError:
-            kwargs[key] = value
-    return lp.rules.REGISTRY[rule](**kwargs)
 
 
 def factory(model: str, depth: int, lr: float, example: torch.Tensor):
@@ -184,7 +164,7 @@ def train(net, trval: data.Split, x_test, y_test, seed: int, cap: int, patience:
 def one(model, depth, rule, lr, seed, ctx) -> Run:
     """Train one (model, nodes, rule, lr, seed) and print a line for it."""
     torch.manual_seed(seed)
-    net = factory(model, depth, lr, ctx["example"])(rule_of(rule))
+    net = factory(model, depth, lr, ctx["example"])(common.rule_of(rule))
     if model == "mlp":
         net = Flat(net)
     run = train(net, ctx["trval"], ctx["x_test"], ctx["y_test"], seed, CAP[model], ctx["patience"],
