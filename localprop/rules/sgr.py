@@ -48,9 +48,10 @@ class SGR(LocalRule):
     - ``"auto"`` (default): finite differences on fused nodes, exact elsewhere. The double
       backward holds a node's graph twice, finite differences one local backward's at a
       time: on a GPT-shaped model at K = 4, 424 against 182 MiB a step (bp: 325), and on
-      MNIST-1D's 8-node CNN finite differences were the more accurate (95.0 against 94.1%,
-      five seeds; README, "Accuracy of every rule"), so give ``mode="finite_difference"``
-      where memory counts.
+      MNIST-1D's 8-node CNN finite differences were the more accurate (95.0% on five seeds
+      against 94.1% on the four of five that did not diverge) but not on the 4-node CNN
+      (93.4 against 93.6%; README, "Accuracy of every rule"), so give
+      ``mode="finite_difference"`` where memory counts.
 
     Args:
         lam: penalty weight λ >= 0 (default 0.01; ``lam=0`` is greedy). Chosen on validation
@@ -58,9 +59,10 @@ class SGR(LocalRule):
             seeds, lr swept per setting, the lr divided by 10 at the first plateau): mean best
             validation accuracy 79.5% at 0.01, 79.0% at 0.03, 78.6% at 0.1; at a constant lr
             and 4 and 8 nodes, 78.2% at 0.01, 76.7% at 0.1, 66.3% at 1 (the former default,
-            chosen on digits; at 1 the 4-node CNN ended at 52%). The scale-free "relative" form did worse at both lam = 0.1 and 1
-            (65.9%, 52.0%), and so did "cosine" (below l2 at every setting; on the 8-node
-            MLP it diverged at every lr: its gradient grows as the input gradient shrinks).
+            chosen on digits; at 1 the 4-node CNN ended at 52%). The scale-free "relative"
+            form did worse at both lam = 0.1 and 1 (65.9%, 52.0%), and so did "cosine"
+            (below l2 at every setting; on the 8-node MLP it diverged at every lr: its
+            gradient grows as the input gradient shrinks).
         distance: "l2" (default), "relative" or "cosine".
         mode: "auto" (default), "exact" or "finite_difference".
         eps: relative finite-difference step, > 0 (default 1e-2: in float32 the rounding
