@@ -32,16 +32,23 @@ def batch(seed=1):
 def test_bp_with_checkpointing_updates_running_statistics_once_a_step(momentum, segment):
     nets = [lp.LocalSequential(*blocks(momentum), rule=rule).double()
             for rule in (BP(), BP(checkpoint=True, segment=segment))]
-    for step in range(2):
-        x, y = batch(step)
-        for net in nets:
-            net.train_step(x, y)
-    plain, checkpointed = (statistics(n) for n in nets)
+    plain = assert_trained_alike(*nets, steps=2)
     assert int(plain["nodes.0.block.1.num_batches_tracked"]) == 2
-    for name, value in plain.items():
-        assert torch.allclose(value, checkpointed[name], rtol=0, atol=1e-12), name
-    for a, b in zip(*(n.parameters() for n in nets)):
+
+
+def assert_trained_alike(plain, checkpointed, steps):
+    """Trains both networks on the same batches; their buffers and parameters must agree
+    to 1e-12 (float64). Returns the plain network's buffers."""
+    for step in range(steps):
+        x, y = batch(step)
+        for net in (plain, checkpointed):
+            net.train_step(x, y)
+    expected, received = statistics(plain), statistics(checkpointed)
+    for name, value in expected.items():
+        assert torch.allclose(value, received[name], rtol=0, atol=1e-12), name
+    for a, b in zip(plain.parameters(), checkpointed.parameters()):
         assert torch.allclose(a, b, rtol=0, atol=1e-12)
+    return expected
 
 
 def spectral_blocks():
@@ -58,16 +65,7 @@ def spectral_blocks():
 def test_bp_with_checkpointing_runs_spectral_normalisation_once_a_step(segment):
     nets = [lp.LocalSequential(*spectral_blocks(), rule=rule).double()
             for rule in (BP(), BP(checkpoint=True, segment=segment))]
-    for step in range(3):
-        x, y = batch(step)
-        for net in nets:
-            net.train_step(x, y)
-    plain, checkpointed = (statistics(n) for n in nets)
-    assert any(name.endswith("._u") for name in plain)
-    for name, value in plain.items():
-        assert torch.allclose(value, checkpointed[name], rtol=0, atol=1e-12), name
-    for a, b in zip(*(n.parameters() for n in nets)):
-        assert torch.allclose(a, b, rtol=0, atol=1e-12)
+    assert any(name.endswith("._u") for name in assert_trained_alike(*nets, steps=3))
 
 
 class Monitor(nn.Module):
@@ -139,16 +137,9 @@ class SpectralModel(nn.Module):
 # 2 nodes: blocks checkpointed whole inside a node; 4: a node of one block recomputes its first half
 @pytest.mark.parametrize("nodes", [2, 4])
 def test_localize_with_checkpointing_runs_spectral_normalisation_once_a_step(nodes):
-    def trained(checkpoint):
+    def built(checkpoint):  # heads built here from the example, on the same random draws
         torch.manual_seed(0)
-        net = lp.localize(SpectralModel().double(), "greedy", nodes=nodes, checkpoint=checkpoint)
-        for step in range(3):
-            net.train_step(*batch(step))
-        return net
+        return lp.localize(SpectralModel().double(), "greedy", nodes=nodes, checkpoint=checkpoint,
+                           example_input=batch(0)[0])
 
-    plain, checkpointed = trained(False), trained(True)
-    buffers = statistics(checkpointed)
-    for name, value in statistics(plain).items():
-        assert torch.allclose(value, buffers[name], rtol=0, atol=1e-12), name
-    for a, b in zip(plain.parameters(), checkpointed.parameters()):
-        assert torch.allclose(a, b, rtol=0, atol=1e-12)
+    assert_trained_alike(built(False), built(True), steps=3)
