@@ -25,18 +25,23 @@ def batches(n, dtype, seed=0):
             for _ in range(n)]
 
 
+def train_alongside(net, reference: nn.Module, dtype: torch.dtype) -> None:
+    """Five steps of ``net`` and, on the same batches, of a plain backprop loop on ``reference``."""
+    opt = SGD(reference.parameters())
+    for x, y in batches(5, dtype):
+        net.train_step(x, y)
+        opt.zero_grad()
+        F.cross_entropy(reference(x), y).backward()
+        opt.step()
+
+
 @pytest.mark.parametrize("rule", ["bp", "bp+checkpoint"])
 def test_bp_matches_plain_loop(rule):
     torch.manual_seed(0)
     model = plain_mlp([9, 16, 12, 4], torch.float32)
     reference = copy.deepcopy(model)
     net = lp.localize(model, rule=rule, num_classes=4, optimizer=SGD)
-    opt = SGD(reference.parameters())
-    for x, y in batches(5, torch.float32):
-        net.train_step(x, y)
-        opt.zero_grad()
-        F.cross_entropy(reference(x), y).backward()
-        opt.step()
+    train_alongside(net, reference, torch.float32)
     for p, q in zip(model.parameters(), reference.parameters()):
         assert torch.equal(p, q)
 
@@ -50,12 +55,7 @@ def test_bp_on_fused_nodes_matches_plain_loop():
             lin.weight.copy_(node.weight)
             lin.bias.copy_(node.bias)
     net = lp.LocalSequential(*nodes, rule="bp", num_classes=4, optimizer=SGD)
-    opt = SGD(reference.parameters())
-    for x, y in batches(5, torch.float64):
-        net.train_step(x, y)
-        opt.zero_grad()
-        F.cross_entropy(reference(x), y).backward()
-        opt.step()
+    train_alongside(net, reference, torch.float64)
     lins = [m for m in reference if isinstance(m, nn.Linear)]
     for node, lin in zip(nodes, lins):
         assert torch.equal(node.weight, lin.weight) and torch.equal(node.bias, lin.bias)

@@ -87,20 +87,13 @@ def test_graphs_are_checked(rule):
 
 
 @pytest.mark.parametrize("kind", ["fused", "module"])
-def test_a_critic_wrecked_by_its_own_optimizer_is_caught(kind):
-    rule = Critic(critic_optimizer=SGD_INF)
-    net = (fused if kind == "fused" else module)(rule, optimizer=SGD)
-    with pytest.raises(FloatingPointError, match=r"node 0: non-finite parameter 'head\.\d+\.weight' after the "
-                                                 r"update of step 0"):
-        net.train_step(*batch())
-
-
-@pytest.mark.parametrize("kind", ["fused", "module"])
-def test_a_feedback_net_wrecked_by_its_own_optimizer_is_caught(kind):
-    rule = BLL(feedback_optimizer=SGD_INF)
-    net = (fused if kind == "fused" else module)(rule, optimizer=SGD)
-    with pytest.raises(FloatingPointError, match=r"node 0: non-finite parameter 'feedback\.0\.weight' after the "
-                                                 r"update of step 0"):
+@pytest.mark.parametrize("rule, owned", [(lambda: Critic(critic_optimizer=SGD_INF), r"head\.\d+\.weight"),
+                                         (lambda: BLL(feedback_optimizer=SGD_INF), r"feedback\.0\.weight")],
+                         ids=["critic", "feedback net"])
+def test_rule_state_wrecked_by_its_own_optimizer_is_caught(kind, rule, owned):
+    """A critic's or a feedback network's own optimizer is checked by the node it serves."""
+    net = (fused if kind == "fused" else module)(rule(), optimizer=SGD)
+    with pytest.raises(FloatingPointError, match=rf"node 0: non-finite parameter '{owned}' after the update of step 0"):
         net.train_step(*batch())
 
 

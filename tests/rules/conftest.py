@@ -1,7 +1,10 @@
 import copy
+import functools
 
 import torch
+from torch import nn
 
+import localprop as lp
 from localprop import data
 
 
@@ -28,6 +31,20 @@ def digits_mlp(rule, width=256, depth=4, seed=0):
 
     torch.manual_seed(seed)
     return mlp(rule, width=width, depth=depth)
+
+
+def digits_cnn() -> nn.Sequential:
+    """Two 3x3 convolutions on digits' 8x8 images and a linear classifier."""
+    return nn.Sequential(nn.Conv2d(1, 8, 3, padding=1), nn.ReLU(), nn.Conv2d(8, 16, 3, padding=1), nn.ReLU(),
+                         nn.Flatten(), nn.Linear(16 * 64, 10))
+
+
+def localized_digits_cnn(rule, split):
+    """:func:`digits_cnn` localized for ``rule`` on ``split`` (digits as images), SGD lr 0.02
+    momentum 0.9, under seed 0."""
+    torch.manual_seed(0)
+    return lp.localize(digits_cnn(), rule=rule, num_classes=10, example_input=split.x_train[:2],
+                       optimizer=functools.partial(torch.optim.SGD, lr=0.02, momentum=0.9))
 
 
 DIGITS = data.digits()

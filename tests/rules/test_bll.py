@@ -1,16 +1,14 @@
 """BLL: the feedback network learns the class prototypes of the forward features, its
 weights are its own, and the rule trains fused and localized nodes."""
-import functools
 
 import pytest
 import torch
 import torch.nn.functional as F
-from torch import nn
 
 import localprop as lp
 from localprop.rules.bll import pool
 from localprop.training import fit
-from tests.rules.conftest import DIGITS, digits_mlp
+from tests.rules.conftest import DIGITS, digits_mlp, localized_digits_cnn
 
 
 @pytest.mark.parametrize("feedback", ["chain", "direct"])
@@ -71,12 +69,8 @@ def test_direct_feedback_maps_the_labels_to_every_node():
 def test_bll_trains_a_localized_cnn():
     """Feature maps are max-pooled over positions and centred before the alignment, flat
     features taken as they are."""
-    torch.manual_seed(0)
     split = lp.data.digits(image=True)
-    model = nn.Sequential(nn.Conv2d(1, 8, 3, padding=1), nn.ReLU(), nn.Conv2d(8, 16, 3, padding=1), nn.ReLU(),
-                          nn.Flatten(), nn.Linear(16 * 64, 10))
-    net = lp.localize(model, rule="bll", num_classes=10, example_input=split.x_train[:2],
-                      optimizer=functools.partial(torch.optim.SGD, lr=0.02, momentum=0.9))
+    net = localized_digits_cnn("bll", split)
     assert [b.weight.shape[0] for b in net.rule_state.feedback] == [8, 16 * 64]  # a map's channels, flat features
     assert fit(net, split, epochs=4, progress=False).final_accuracy > 0.9
 

@@ -12,7 +12,7 @@ import localprop as lp
 from localprop.rules import critic as critic_module
 from localprop.training import fit
 from tests.conftest import SGD, mlp_nodes
-from tests.rules.conftest import DIGITS, digits_mlp
+from tests.rules.conftest import DIGITS, digits_cnn, digits_mlp, localized_digits_cnn
 
 
 @pytest.fixture(scope="module")
@@ -53,12 +53,8 @@ def test_critics_are_stepped_only_by_their_own_loss(batch):
 
 
 def test_conv_critics_train_a_localized_cnn():
-    torch.manual_seed(0)
     split = lp.data.digits(image=True)
-    model = nn.Sequential(nn.Conv2d(1, 8, 3, padding=1), nn.ReLU(), nn.Conv2d(8, 16, 3, padding=1), nn.ReLU(),
-                          nn.Flatten(), nn.Linear(16 * 64, 10))
-    net = lp.localize(model, rule="critic", num_classes=10, example_input=split.x_train[:2],
-                      optimizer=functools.partial(torch.optim.SGD, lr=0.02, momentum=0.9))
+    net = localized_digits_cnn("critic", split)
     assert isinstance(net.nodes[0].head[1], nn.Conv2d)
     assert fit(net, split, epochs=3, progress=False).final_accuracy > 0.9
 
@@ -68,8 +64,7 @@ def test_a_pooled_critic_convolves_a_smaller_map():
     quarter of their FLOPs; separable (the default): a depthwise 3x3 then a pointwise conv,
     against one full 3x3 conv (then Linear(4 * 8, 10); multiply-adds count 2)."""
     split = lp.data.digits(image=True)
-    model = nn.Sequential(nn.Conv2d(1, 8, 3, padding=1), nn.ReLU(), nn.Conv2d(8, 16, 3, padding=1), nn.ReLU(),
-                          nn.Flatten(), nn.Linear(16 * 64, 10))
+    model = digits_cnn()
     flops = {}
     for pooled in (None, 4):
         for separable in (True, False):

@@ -9,7 +9,7 @@ from torch import nn
 import localprop as lp
 from localprop.training import fit
 from tests.conftest import mlp_nodes
-from tests.rules.conftest import DIGITS, digits_mlp, relative_error, updates
+from tests.rules.conftest import DIGITS, digits_mlp, localized_digits_cnn, relative_error, updates
 
 SGD = functools.partial(torch.optim.SGD, lr=0.1)  # no momentum: the update is -lr · gradient
 
@@ -83,12 +83,8 @@ def test_penalty_lowers_discord_compared_with_greedy():
 
 def test_exact_mode_trains_a_localized_cnn():
     """Double backward through conv blocks (ModuleNodes; "auto" picks exact there)."""
-    torch.manual_seed(0)
     split = lp.data.digits(image=True)
-    model = nn.Sequential(nn.Conv2d(1, 8, 3, padding=1), nn.ReLU(), nn.Conv2d(8, 16, 3, padding=1), nn.ReLU(),
-                          nn.Flatten(), nn.Linear(16 * 64, 10))
-    net = lp.localize(model, rule="sgr", num_classes=10, example_input=split.x_train[:2],
-                      optimizer=functools.partial(torch.optim.SGD, lr=0.02, momentum=0.9))
+    net = localized_digits_cnn("sgr", split)
     history = fit(net, split, epochs=4, progress=False)
     assert history.final_accuracy > 0.9
     assert set(net.train_step(split.x_train[:8], split.y_train[:8]).extra["discord"]) == {"1", "2"}
