@@ -27,25 +27,27 @@ def recomputed(fn: Callable, *args, modules: Iterable[nn.Module], **kwargs):
     as the forward saw them and leaves them as the forward left them."""
     if not torch.is_grad_enabled():
         return fn(*args, **kwargs)
-    buffers = list({id(b): b for m in modules for b in m.buffers(recurse=False)}.values())
-    if not buffers:
+    slots = list({id(m): m for m in modules if m._buffers}.values())
+    if not slots:
         return torch.utils.checkpoint.checkpoint(fn, *args, use_reentrant=False, **kwargs)
     return torch.utils.checkpoint.checkpoint(fn, *args, use_reentrant=False,
-                                             context_fn=lambda: _BufferState(buffers).contexts(), **kwargs)
+                                             context_fn=lambda: _BufferState(slots).contexts(), **kwargs)
 
 
 class _BufferState:
     """The buffers of one checkpointed call, with their values before its forward.
 
-    Every buffer is copied, not only those the forward changes: telling which changed
-    would need their values compared, a host synchronisation per buffer on CUDA, and
-    version counters cannot tell (native kernels update BatchNorm's running mean and
+    Buffers are held by their modules' slots, not as tensors, so that a forward that
+    replaces a buffer (``self.count = self.count + 1``) is undone as one that updates it
+    in place. Every buffer is copied, not only those the forward changes: telling which
+    changed would need their values compared, a host synchronisation per buffer on CUDA,
+    and version counters cannot tell (native kernels update BatchNorm's running mean and
     variance without bumping theirs). The copies live from the forward to the
     recomputation, as many bytes as the call's buffers (BatchNorm's: two floats a channel)."""
 
-    def __init__(self, buffers: list[torch.Tensor]) -> None:
-        self.buffers = buffers
-        self.before: list[torch.Tensor] = []
+    def __init__(self, modules: list[nn.Module]) -> None:
+        self.modules = modules
+        self.before: list[dict[str, tuple[torch.Tensor, torch.Tensor]]] = []
 
     def contexts(self):
         """(forward context, recomputation context) for torch.utils.checkpoint's context_fn."""
@@ -53,7 +55,7 @@ class _BufferState:
 
     @contextlib.contextmanager
     def _forward(self) -> Iterator[None]:
-        self.before = [buf.clone() for buf in self.buffers]
+        self.before = _held(self.modules)
         yield
 
     @contextlib.contextmanager
@@ -61,15 +63,23 @@ class _BufferState:
         """Sets the buffers back for the recomputation and restores what the forward left
         on exit (also when the recomputation stops early, which torch.utils.checkpoint
         does by raising through this context)."""
-        after = [buf.clone() for buf in self.buffers]
-        _copy(self.buffers, self.before)
+        after = _held(self.modules)
+        _put(self.modules, self.before)
         try:
             yield
         finally:
-            _copy(self.buffers, after)
+            _put(self.modules, after)
 
 
-def _copy(buffers: list[torch.Tensor], values: list[torch.Tensor]) -> None:
+def _held(modules: list[nn.Module]) -> list[dict[str, tuple[torch.Tensor, torch.Tensor]]]:
+    """Per module: buffer name -> (the tensor in its slot, a copy of its value)."""
+    return [{name: (buf, buf.clone()) for name, buf in m._buffers.items() if buf is not None} for m in modules]
+
+
+def _put(modules: list[nn.Module], held: list[dict[str, tuple[torch.Tensor, torch.Tensor]]]) -> None:
+    """Puts each held tensor back in its slot with its held value."""
     with torch.no_grad():
-        for buf, value in zip(buffers, values):
-            buf.copy_(value)
+        for m, slots in zip(modules, held):
+            for name, (buf, value) in slots.items():
+                buf.copy_(value)
+                m._buffers[name] = buf

@@ -143,3 +143,29 @@ def test_localize_with_checkpointing_runs_spectral_normalisation_once_a_step(nod
                            example_input=batch(0)[0])
 
     assert_trained_alike(built(False), built(True), steps=3)
+
+
+class Decaying(nn.Module):
+    """Scales by a buffer that its forward in training mode replaces (not updates in place)
+    by half of itself, so a second forward would see, and leave, another scale."""
+
+    def __init__(self, width):
+        super().__init__()
+        self.linear = nn.Linear(width, width)
+        self.register_buffer("scale", torch.ones(width))
+
+    def forward(self, x):
+        out = self.linear(x) * self.scale
+        if self.training:
+            self.scale = self.scale * 0.5
+        return torch.tanh(out)
+
+
+@pytest.mark.parametrize("segment", [1, 2])
+def test_bp_with_checkpointing_undoes_a_replaced_buffer(segment):
+    def built(rule):
+        torch.manual_seed(0)
+        return lp.LocalSequential(nn.Linear(6, 8), Decaying(8), Decaying(8), nn.Linear(8, 3), rule=rule).double()
+
+    plain = assert_trained_alike(built(BP()), built(BP(checkpoint=True, segment=segment)), steps=2)
+    assert torch.equal(plain["nodes.1.block.scale"], torch.full((8,), 0.25, dtype=torch.float64))
