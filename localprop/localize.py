@@ -16,6 +16,7 @@ from . import memory, rules, trace
 from .engine import LocalSequential, OptimizerFactory
 from .hooked import HookedNetwork
 from .lean import lean_layers, make_lean
+from .recompute import held_buffers, put_buffers
 
 
 #: parameter-free layers that shrink a map: with balance="memory" they may start a node (see units)
@@ -150,8 +151,9 @@ def _dry_run(block: nn.Module, device: torch.device) -> Iterator[None]:
     """Run ``block`` in training mode (the memory and time of a step) and then put back
     what that changes: its parameters' gradients, its buffers and the random state (dropout)."""
     grads = {p: p.grad for p in block.parameters()}
-    buffers = [(b, b.clone()) for b in block.buffers()]
-    modes = [(m, m.training) for m in block.modules()]
+    modules = list(block.modules())
+    buffers = held_buffers(modules)
+    modes = [(m, m.training) for m in modules]
     try:
         with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
             block.train()
@@ -159,9 +161,7 @@ def _dry_run(block: nn.Module, device: torch.device) -> Iterator[None]:
     finally:
         for m, mode in modes:
             m.training = mode
-        with torch.no_grad():
-            for b, value in buffers:
-                b.copy_(value)
+        put_buffers(modules, buffers)
         for p, grad in grads.items():
             p.grad = grad
 

@@ -55,7 +55,7 @@ class _BufferState:
 
     @contextlib.contextmanager
     def _forward(self) -> Iterator[None]:
-        self.before = _held(self.modules)
+        self.before = held_buffers(self.modules)
         yield
 
     @contextlib.contextmanager
@@ -63,21 +63,23 @@ class _BufferState:
         """Sets the buffers back for the recomputation and restores what the forward left
         on exit (also when the recomputation stops early, which torch.utils.checkpoint
         does by raising through this context)."""
-        after = _held(self.modules)
-        _put(self.modules, self.before)
+        after = held_buffers(self.modules)
+        put_buffers(self.modules, self.before)
         try:
             yield
         finally:
-            _put(self.modules, after)
+            put_buffers(self.modules, after)
 
 
-def _held(modules: list[nn.Module]) -> list[dict[str, tuple[torch.Tensor, torch.Tensor]]]:
-    """Per module: buffer name -> (the tensor in its slot, a copy of its value)."""
+def held_buffers(modules: list[nn.Module]) -> list[dict[str, tuple[torch.Tensor, torch.Tensor]]]:
+    """Per module of ``modules`` (its own buffers, not its children's): buffer name -> (the
+    tensor in its slot, a copy of its value), for :func:`put_buffers` to put back."""
     return [{name: (buf, buf.clone()) for name, buf in m._buffers.items() if buf is not None} for m in modules]
 
 
-def _put(modules: list[nn.Module], held: list[dict[str, tuple[torch.Tensor, torch.Tensor]]]) -> None:
-    """Puts each held tensor back in its slot with its held value."""
+def put_buffers(modules: list[nn.Module], held: list[dict[str, tuple[torch.Tensor, torch.Tensor]]]) -> None:
+    """Puts each tensor :func:`held_buffers` held back in its module's slot, with the value
+    it held: undoes in-place updates and replacements alike."""
     with torch.no_grad():
         for m, slots in zip(modules, held):
             for name, (buf, value) in slots.items():

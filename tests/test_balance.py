@@ -128,11 +128,26 @@ def bn_vgg(widths=(8, 8, 16, 16)):
     return nn.Sequential(*layers, nn.Flatten(), nn.Linear(c * 4 * 4, 10))
 
 
+class Counter(nn.Module):
+    """Counts the forwards it sees in training mode in a buffer it replaces each time."""
+
+    def __init__(self):
+        super().__init__()
+        self.register_buffer("seen", torch.zeros((), dtype=torch.long))
+
+    def forward(self, x):
+        if self.training:
+            self.seen = self.seen + 1
+        return x
+
+
 @pytest.mark.skipif(memory.cpu_counter() is None, reason="needs the C++ extension's counting allocator")
 def test_memory_balance_leaves_running_statistics_and_gradients_alone():
-    """The dry runs run in training mode (a step's memory) and put back what they change."""
+    """The dry runs run in training mode (a step's memory) and put back what they change,
+    buffers updated in place (BatchNorm's) and replaced (the counter's) alike."""
     torch.manual_seed(0)
-    model = bn_vgg()
+    layers = list(bn_vgg())
+    model = nn.Sequential(*layers[:3], Counter(), *layers[3:])
     model[1].running_mean.fill_(0.5)
     before = {k: v.clone() for k, v in model.state_dict().items()}
     lp.localize(model, num_classes=10, nodes=3, balance="memory", example_input=torch.randn(8, 3, 16, 16))
