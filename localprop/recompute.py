@@ -20,6 +20,11 @@ import torch.utils.checkpoint
 from torch import nn
 
 
+#: what :func:`held_buffers` holds of one module: its buffer slots (name -> tensor or None),
+#: a copy of each tensor's value, and the names of its non-persistent buffers
+HeldBuffers = tuple[dict[str, torch.Tensor | None], dict[str, torch.Tensor], set[str]]
+
+
 def recomputed(fn: Callable, *args, modules: Iterable[nn.Module], **kwargs):
     """``fn(*args, **kwargs)``, its activations recomputed in the backward when autograd
     records (torch.utils.checkpoint, non-reentrant: gradients of any order). ``modules``:
@@ -27,9 +32,8 @@ def recomputed(fn: Callable, *args, modules: Iterable[nn.Module], **kwargs):
     as the forward saw them and leaves them as the forward left them."""
     if not torch.is_grad_enabled():
         return fn(*args, **kwargs)
-    slots = list({id(m): m for m in modules if m._buffers}.values())
-    if not slots:
-        return torch.utils.checkpoint.checkpoint(fn, *args, use_reentrant=False, **kwargs)
+    # every module, those without buffers too: a forward may register one
+    slots = list({id(m): m for m in modules}.values())
     return torch.utils.checkpoint.checkpoint(fn, *args, use_reentrant=False,
                                              context_fn=lambda: _BufferState(slots).contexts(), **kwargs)
 
@@ -38,8 +42,8 @@ class _BufferState:
     """The buffers of one checkpointed call, with their values before its forward.
 
     Buffers are held by their modules' slots, not as tensors, so that a forward that
-    replaces a buffer (``self.count = self.count + 1``) is undone as one that updates it
-    in place. Every buffer is copied, not only those the forward changes: telling which
+    replaces a buffer (``self.count = self.count + 1``), sets its slot to None or registers
+    a new one is undone as one that updates a buffer in place. Every buffer is copied, not only those the forward changes: telling which
     changed would need their values compared, a host synchronisation per buffer on CUDA,
     and version counters cannot tell (native kernels update BatchNorm's running mean and
     variance without bumping theirs). The copies live from the forward to the
@@ -47,7 +51,7 @@ class _BufferState:
 
     def __init__(self, modules: list[nn.Module]) -> None:
         self.modules = modules
-        self.before: list[dict[str, tuple[torch.Tensor, torch.Tensor]]] = []
+        self.before: list[HeldBuffers] = []
 
     def contexts(self):
         """(forward context, recomputation context) for torch.utils.checkpoint's context_fn."""
@@ -71,17 +75,22 @@ class _BufferState:
             put_buffers(self.modules, after)
 
 
-def held_buffers(modules: list[nn.Module]) -> list[dict[str, tuple[torch.Tensor, torch.Tensor]]]:
-    """Per module of ``modules`` (its own buffers, not its children's): buffer name -> (the
-    tensor in its slot, a copy of its value), for :func:`put_buffers` to put back."""
-    return [{name: (buf, buf.clone()) for name, buf in m._buffers.items() if buf is not None} for m in modules]
+def held_buffers(modules: list[nn.Module]) -> list[HeldBuffers]:
+    """Per module of ``modules`` (its own buffers, not its children's): its buffer slots
+    as they are, with a copy of each buffer's value, for :func:`put_buffers` to put back."""
+    return [(dict(m._buffers), {name: buf.clone() for name, buf in m._buffers.items() if buf is not None},
+             set(m._non_persistent_buffers_set)) for m in modules]
 
 
-def put_buffers(modules: list[nn.Module], held: list[dict[str, tuple[torch.Tensor, torch.Tensor]]]) -> None:
-    """Puts each tensor :func:`held_buffers` held back in its module's slot, with the value
-    it held: undoes in-place updates and replacements alike."""
+def put_buffers(modules: list[nn.Module], held: list[HeldBuffers]) -> None:
+    """Puts back each module's buffer slots as :func:`held_buffers` held them, each tensor
+    with the value it held: undoes in-place updates, replacements, slots set to None and
+    buffers registered since."""
     with torch.no_grad():
-        for m, slots in zip(modules, held):
-            for name, (buf, value) in slots.items():
-                buf.copy_(value)
-                m._buffers[name] = buf
+        for m, (slots, values, non_persistent) in zip(modules, held):
+            for name, value in values.items():
+                slots[name].copy_(value)
+            m._buffers.clear()
+            m._buffers.update(slots)
+            m._non_persistent_buffers_set.clear()
+            m._non_persistent_buffers_set.update(non_persistent)

@@ -44,6 +44,7 @@ def assert_trained_alike(plain, checkpointed, steps):
         for net in (plain, checkpointed):
             net.train_step(x, y)
     expected, received = statistics(plain), statistics(checkpointed)
+    assert received.keys() == expected.keys()
     for name, value in expected.items():
         assert torch.allclose(value, received[name], rtol=0, atol=1e-12), name
     for a, b in zip(plain.parameters(), checkpointed.parameters()):
@@ -161,11 +162,56 @@ class Decaying(nn.Module):
         return torch.tanh(out)
 
 
+class Counting(nn.Module):
+    """Registers a buffer on its first forward in training mode (a lazily made cache) and
+    then replaces it: a recomputation that saw the registered buffer would scale by more."""
+
+    def __init__(self, width):
+        super().__init__()
+        self.linear = nn.Linear(width, width)
+
+    def forward(self, x):
+        if not self.training:
+            return torch.tanh(self.linear(x))
+        if "count" not in self._buffers:
+            self.register_buffer("count", torch.zeros((), dtype=x.dtype), persistent=False)
+        out = self.linear(x) * (1 + self.count)
+        self.count = self.count + 1
+        return torch.tanh(out)
+
+
+class Warming(nn.Module):
+    """Scales by 3 while a buffer slot is None (its first forward in training mode), then
+    fills the slot: a recomputation that saw the filled slot would not scale."""
+
+    def __init__(self, width):
+        super().__init__()
+        self.linear = nn.Linear(width, width)
+        self.register_buffer("warm", None)
+
+    def forward(self, x):
+        out = self.linear(x)
+        if self.training and self.warm is None:
+            out = out * 3
+            self.warm = torch.ones((), dtype=x.dtype)
+        return torch.tanh(out)
+
+
 @pytest.mark.parametrize("segment", [1, 2])
-def test_bp_with_checkpointing_undoes_a_replaced_buffer(segment):
+@pytest.mark.parametrize("kind", [Decaying, Counting, Warming])
+def test_bp_with_checkpointing_undoes_what_a_forward_does_to_buffer_slots(kind, segment):
+    """A forward that replaces a buffer (Decaying), registers one (Counting) or fills a
+    slot that held None (Warming): the recomputation sees the slots as the forward saw them,
+    and the step leaves them as one forward does."""
     def built(rule):
         torch.manual_seed(0)
-        return lp.LocalSequential(nn.Linear(6, 8), Decaying(8), Decaying(8), nn.Linear(8, 3), rule=rule).double()
+        return lp.LocalSequential(nn.Linear(6, 8), kind(8), kind(8), nn.Linear(8, 3), rule=rule).double()
 
-    plain = assert_trained_alike(built(BP()), built(BP(checkpoint=True, segment=segment)), steps=2)
-    assert torch.equal(plain["nodes.1.block.scale"], torch.full((8,), 0.25, dtype=torch.float64))
+    nets = built(BP()), built(BP(checkpoint=True, segment=segment))
+    plain = assert_trained_alike(*nets, steps=2)
+    if kind is Decaying:
+        assert torch.equal(plain["nodes.1.block.scale"], torch.full((8,), 0.25, dtype=torch.float64))
+    elif kind is Counting:
+        assert float(plain["nodes.1.block.count"]) == 2 and "count" not in nets[1].nodes[1].block.state_dict()
+    else:
+        assert float(plain["nodes.1.block.warm"]) == 1
