@@ -125,7 +125,11 @@ def part_costs(parts: Sequence[list[nn.Module]], balance: str, example: torch.Te
     as it is accumulated, as a step in the backward frees it) and "time" (the median of 3
     timed forward and backward passes after a warm-up: a timing, so two runs can split
     differently). The model is left as it was: gradients, buffers (BatchNorm's running
-    statistics) and the random state are restored (see :func:`_dry_run`)."""
+    statistics) and the random state are restored (see :func:`_dry_run`). Heads and the
+    loss are not measured (they are built later, from the nodes' outputs): a node's step
+    also holds its head's working set, small for the default head of a map (pooled
+    first), more for a token head, and the last node's loss on its logits (an LM's
+    [B, T, V])."""
     if balance == "count":
         return None
     if balance == "params":
