@@ -89,7 +89,7 @@ def test_graphs_are_checked(rule):
 @pytest.mark.parametrize("kind", ["fused", "module"])
 @pytest.mark.parametrize("rule, owned", [(lambda: Critic(critic_optimizer=SGD_INF), r"head\.\d+\.weight"),
                                          (lambda: BLL(feedback_optimizer=SGD_INF), r"feedback\.0\.weight")],
-                         ids=["critic", "feedback net"])
+                         ids=["critic", "feedback-net"])
 def test_rule_state_wrecked_by_its_own_optimizer_is_caught(kind, rule, owned):
     """A critic's or a feedback network's own optimizer is checked by the node it serves."""
     net = (fused if kind == "fused" else module)(rule(), optimizer=SGD)
