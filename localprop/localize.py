@@ -237,7 +237,10 @@ def localize(model: nn.Module | Sequence[nn.Module], rule: str | rules.Rule = "g
       containers (a ResNet's BasicBlocks, a transformer's layers), or the instances of
       ``block``, or else the model's children with parameters; they are called whole, so
       their own code needs no tracing. Code before the first block (a stem, embeddings)
-      joins the first node, code after the last (pooling, the classifier) the last node;
+      joins the first node, code after the last (pooling, the classifier) the last node.
+      Traced code that reads ``self.training`` as a flag (``F.dropout(x,
+      training=self.training)``) follows the network's mode; code whose ops differ by
+      mode is a TypeError (see :func:`localprop.trace.traced_in_both_modes`);
     - ``hooks=True``, any ``nn.Module`` whose forward cannot be traced (HuggingFace's): the
       model runs its own forward and each node learns in a hook at the module the next node
       starts at (see :mod:`localprop.hooked`); rules greedy, bp and pgl, no pipeline.

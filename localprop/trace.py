@@ -143,15 +143,89 @@ def trace(model: nn.Module, leaves: set[str], inputs: Sequence[str] = ()) -> fx.
     concrete = {p.name: p.default for p in params
                 if p.default is not inspect.Parameter.empty and p.name not in inputs
                 and p.kind not in (p.VAR_POSITIONAL, p.VAR_KEYWORD)}
+    way_out = ("Make the module that holds this code a block called whole (block=TheBlockClass, or a split "
+               "point), give localize() an nn.Sequential / a list of blocks, or train the model through its own "
+               "forward with localize(..., hooks=True) (rules greedy, bp, pgl)")
     try:
-        graph = _Tracer(leaves).trace(model, concrete_args=concrete or None)
+        graph = traced_in_both_modes(model, lambda: _Tracer(leaves).trace(model, concrete_args=concrete or None))
+    except ModeDependent as e:
+        raise TypeError(f"localize: {type(model).__name__}.forward runs other code in training than in eval "
+                        f"mode ({e}), and a traced graph holds one of them. {way_out}") from None
     except Exception as e:  # torch.fx raises many kinds: TraceError, TypeError, RuntimeError, ...
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise TypeError(f"localize: torch.fx cannot trace {type(model).__name__}.forward: {first}. Make the module "
-                        f"that holds this code a block called whole (block=TheBlockClass, or a split point), "
-                        f"give localize() an nn.Sequential / a list of blocks, or train the model through "
-                        f"its own forward with localize(..., hooks=True) (rules greedy, bp, pgl)") from e
+        raise TypeError(f"localize: torch.fx cannot trace {type(model).__name__}.forward: {first}. {way_out}") from e
     return fx.GraphModule(model, graph)
+
+
+# ---- the training flag ------------------------------------------------------------------
+class ModeDependent(Exception):
+    """The code traced in training mode and in eval mode differs beyond flag arguments."""
+
+
+def traced_in_both_modes(root: nn.Module, trace_fn) -> fx.Graph:
+    """``trace_fn()``'s graph of ``root``'s code, valid in both modes. torch.fx evaluates
+    ``self.training`` while tracing, so a graph traced in one mode would run that mode's
+    code in both (``F.dropout(x, training=self.training)`` would drop out at inference).
+    The code is traced with every module of ``root`` in training mode and in eval mode (their
+    own modes restored after); where the two graphs differ only in bool arguments, those
+    read the flag of the module the graph runs as (a get_attr of ``training``, negated
+    where the training trace had False): a node's, which ``net.train()`` / ``net.eval()``
+    set, so code traced through a submodule follows the node's mode, not one the user
+    gave that submodule alone. ModeDependent where they differ otherwise (control flow)."""
+    modes = [(m, m.training) for m in root.modules()]
+    try:
+        root.train()
+        train = trace_fn()
+        root.eval()
+        evaluation = trace_fn()
+    finally:
+        for m, mode in modes:
+            m.training = mode
+    _merge_modes(train, evaluation)
+    return train
+
+
+def _merge_modes(train: fx.Graph, evaluation: fx.Graph) -> None:
+    """Make ``train`` read the flag where ``evaluation`` differs from it in a bool argument
+    (in place); ModeDependent naming the first op that differs otherwise."""
+    ops, others = list(train.nodes), list(evaluation.nodes)
+    pairs = dict(zip(others, ops))
+    read: list[fx.Node] = []  # the get_attr of the flag, made on first use
+
+    def flag(value_in_training: bool, where: fx.Node) -> fx.Node:
+        if not read:
+            with train.inserting_before(next(n for n in ops if n.op != "placeholder")):
+                read.append(train.get_attr("training"))
+        if value_in_training:
+            return read[0]
+        with train.inserting_before(where):  # beside its user: in the same node of a split
+            return train.call_function(operator.not_, (read[0],))
+
+    def merged(a, b, where: fx.Node):
+        if isinstance(a, fx.Node) or isinstance(b, fx.Node):
+            if not (isinstance(a, fx.Node) and isinstance(b, fx.Node) and pairs.get(b) is a):
+                raise ModeDependent(f"the arguments of {_op(where)}")
+            return a
+        if isinstance(a, bool) and isinstance(b, bool) and a != b:
+            return flag(a, where)
+        if isinstance(a, (tuple, list)) and type(a) is type(b) and len(a) == len(b):
+            return type(a)(merged(x, y, where) for x, y in zip(a, b))
+        if isinstance(a, dict) and isinstance(b, dict) and a.keys() == b.keys():
+            return {k: merged(a[k], b[k], where) for k in a}
+        if a is b:
+            return a
+        same = torch.equal(a, b) if isinstance(a, torch.Tensor) and isinstance(b, torch.Tensor) \
+            else type(a) is type(b) and a == b
+        if not same:
+            raise ModeDependent(f"the arguments of {_op(where)}")
+        return a
+
+    for a, b in zip(ops, others):
+        if (a.op, a.target) != (b.op, b.target):
+            raise ModeDependent(f"{_op(a)} in training mode where eval mode has {_op(b)}")
+        a.args, a.kwargs = merged(a.args, b.args, a), merged(a.kwargs, b.kwargs, a)
+    if len(ops) != len(others):
+        raise ModeDependent(f"{len(ops)} ops in training mode against {len(others)} in eval mode")
 
 
 # ---- the partition of the graph ----------------------------------------------------------
@@ -287,8 +361,8 @@ def _checkpoint_first_half(block: fx.GraphModule) -> fx.GraphModule:
     activations are not held through the second half's backward. ``block`` itself when its
     code cannot be traced (control flow) or it has fewer than two such layers."""
     try:
-        flat = fx.GraphModule(block, _Tracer(()).trace(block))
-    except Exception:  # torch.fx raises many kinds; the block then runs as it is
+        flat = fx.GraphModule(block, traced_in_both_modes(block, lambda: _Tracer(()).trace(block)))
+    except Exception:  # torch.fx raises many kinds (and ModeDependent); the block then runs as it is
         return block
     ops = [n for n in flat.graph.nodes if n.op not in ("placeholder", "get_attr", "output")]
     layers = [i for i, n in enumerate(ops) if n.op == "call_module" and _has_params(flat.get_submodule(n.target))]
@@ -362,6 +436,7 @@ class _Run(nn.Module):
         object.__setattr__(self, "graph_module", gm)
 
     def forward(self, *args):
+        self.graph_module.training = self.training  # its code may read the flag; train()/eval() skip it
         return self.graph_module(*args)
 
 

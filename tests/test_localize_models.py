@@ -320,6 +320,111 @@ def test_an_untraceable_forward_says_what_to_do():
         lp.localize(Branchy(), nodes=2)
 
 
+class Noisy(nn.Module):
+    """A block with a functional dropout inside (traced down to its layers when a node of
+    it recomputes its first half)."""
+
+    def __init__(self, width):
+        super().__init__()
+        self.a, self.b = nn.Linear(width, width), nn.Linear(width, width)
+
+    def forward(self, x):
+        return self.b(F.dropout(torch.relu(self.a(x)), 0.5, training=self.training))
+
+
+class Dropping(nn.Module):
+    """Functional dropout at the model's own level, before and after its blocks, read from
+    ``self.training`` (``not self.training`` with ``inverted``: a flag that is False in training)."""
+
+    def __init__(self, inverted=False):
+        super().__init__()
+        self.inverted = inverted
+        self.stem, self.head = nn.Linear(4, 8), nn.Linear(8, 3)
+        self.blocks = nn.Sequential(Noisy(8), Noisy(8), Noisy(8))
+
+    def forward(self, x):
+        on = not self.training if self.inverted else self.training
+        x = F.dropout(torch.relu(self.stem(x)), 0.5, training=on)
+        return self.head(F.dropout(self.blocks(x), 0.5, training=self.training))
+
+
+# nodes=2: the code between blocks checkpointed as runs; nodes=3: node 1, of one block, recomputes its first half
+@pytest.mark.parametrize("checkpoint, nodes", [(False, 2), (True, 2), (True, 3)])
+def test_a_localized_model_runs_the_code_of_the_mode_it_is_in(checkpoint, nodes):
+    """torch.fx evaluates ``self.training`` while tracing; the localized network reads the
+    flag as it runs instead: in eval mode it computes the model's eval output, in training
+    mode it draws the model's own dropout masks (the same random stream), whichever mode
+    the model was in when localized."""
+    torch.manual_seed(0)
+    model, x = Dropping(), torch.randn(6, 4)
+    model.eval()  # localized in eval mode: the training graph must still drop out
+    net = lp.localize(model, nodes=nodes, checkpoint=checkpoint, example_input=x)
+    assert hasattr(net.nodes[1].block, "_first_half") == (nodes == 3)
+    net.eval()
+    with torch.no_grad():
+        assert torch.equal(net(x), model(x))
+    net.train()
+    torch.manual_seed(1)
+    out = net(x)
+    torch.manual_seed(1)
+    assert torch.equal(out, model(x))
+    assert not torch.equal(out, net.eval()(x))
+    net.train().train_step(x, torch.randint(0, 3, (6,)))
+
+
+def test_a_flag_that_is_false_in_training_is_read_negated():
+    torch.manual_seed(0)
+    model, x = Dropping(inverted=True), torch.randn(6, 4)
+    net = lp.localize(model, nodes=2, example_input=x)
+    for mode in (True, False):
+        net.train(mode)
+        torch.manual_seed(1)
+        out = net(x)
+        torch.manual_seed(1)
+        assert torch.equal(out, model(x))
+
+
+class Jittered(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.a, self.b = nn.Linear(4, 4), nn.Linear(4, 3)
+
+    def forward(self, x):
+        if self.training:  # other ops in training mode: not a flag a traced graph can read
+            x = x + 0.1 * torch.randn_like(x)
+        return self.b(self.a(x))
+
+
+def test_a_forward_that_branches_on_the_mode_says_what_to_do():
+    with pytest.raises(TypeError, match=r"Jittered.forward runs other code in training than in eval mode "
+                                        r"\(.*\).*hooks=True"):
+        lp.localize(Jittered(), nodes=2)
+    model = Jittered()
+    assert model.training
+    net = lp.localize(model, nodes=2, hooks=True)  # its own forward, either mode
+    net.train_step(torch.randn(5, 4), torch.randint(0, 3, (5,)))
+
+
+def test_a_block_that_branches_on_the_mode_runs_whole_when_recomputed():
+    """checkpoint=True on a node of one block whose code differs by mode beyond flags:
+    the block is not traced down to its layers (it would hold one mode's code) but
+    checkpointed whole, and in eval mode it computes the model's eval output."""
+    class Model(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.blocks = nn.Sequential(Jittered(), nn.Linear(3, 4), Jittered())
+
+        def forward(self, x):
+            return self.blocks(x)
+
+    torch.manual_seed(0)
+    model, x = Model(), torch.randn(5, 4)
+    net = lp.localize(model, nodes=3, checkpoint=True, example_input=x)
+    assert not hasattr(net.nodes[0].block, "_first_half")
+    net.eval()
+    assert torch.equal(net(x), model.eval()(x))
+
+
 def test_wrong_targets_change_nothing():
     model = small_gpt(layers=2)
     net = lp.localize(model, nodes=2)
