@@ -42,11 +42,12 @@ class _BufferState:
     """The buffers of one checkpointed call, with their values before its forward.
 
     Buffers are held by their modules' slots, not as tensors, so that a forward that
-    replaces a buffer (``self.count = self.count + 1``), sets its slot to None or registers
-    a new one is undone as one that updates a buffer in place. Every buffer is copied, not only those the forward changes: telling which
-    changed would need their values compared, a host synchronisation per buffer on CUDA,
-    and version counters cannot tell (native kernels update BatchNorm's running mean and
-    variance without bumping theirs). The copies live from the forward to the
+    replaces a buffer (``self.count = self.count + 1``), fills a slot that held None or
+    registers a new one is undone as one that updates a buffer in place. Every buffer is
+    copied, not only those the forward changes: telling which changed would need their
+    values compared, a host synchronisation per buffer on CUDA, and version counters
+    cannot tell (native kernels update BatchNorm's running mean and variance without
+    bumping theirs). The copies live from the forward to the
     recomputation, as many bytes as the call's buffers (BatchNorm's: two floats a channel)."""
 
     def __init__(self, modules: list[nn.Module]) -> None:

@@ -359,7 +359,8 @@ def _checkpoint_first_half(block: fx.GraphModule) -> fx.GraphModule:
     backward as one run, the rest kept.
     On a ResNet's BasicBlock the first convolution, BatchNorm and ReLU are recomputed: their
     activations are not held through the second half's backward. ``block`` itself when its
-    code cannot be traced (control flow) or it has fewer than two such layers."""
+    code cannot be traced (control flow, or other ops by mode) or it has fewer than two
+    such layers."""
     try:
         flat = fx.GraphModule(block, traced_in_both_modes(block, lambda: _Tracer(()).trace(block)))
     except Exception:  # torch.fx raises many kinds (and ModeDependent); the block then runs as it is
