@@ -48,10 +48,10 @@ class SGR(LocalRule):
     - ``"auto"`` (default): finite differences on fused nodes, exact elsewhere. The double
       backward holds a node's graph twice, finite differences one local backward's at a
       time: on a GPT-shaped model at K = 4, 424 against 182 MiB a step (bp: 325), and on
-      MNIST-1D's 8-node CNN finite differences were the more accurate (95.0% on five seeds
-      against 94.2%, each at the lr its sweep chose on validation: 0.03 and 0.05)
-      but not on the 4-node CNN
-      (93.4 against 93.6%; README, "Accuracy of every rule"), so give
+      MNIST-1D's 8-node CNN finite differences were the more accurate (on five seeds, each
+      at the lr its sweep chose on validation: 95.0% against 93.6% over lrs 0.01-0.1,
+      94.5% against 94.2% with 0.05 added) but not on the 4-node CNN (93.4 against
+      93.6%; README, "Accuracy of every rule"), so give
       ``mode="finite_difference"`` where memory counts.
 
     Args:
