@@ -173,10 +173,12 @@ def traced_in_both_modes(root: nn.Module, trace_fn) -> fx.Graph:
     set, so code traced through a submodule follows the node's mode, not one the user
     gave that submodule alone. ModeDependent where they differ otherwise (control flow)."""
     modes = [(m, m.training) for m in root.modules()]
-    try:
-        root.train()
+    try:  # the flags set directly: a model's own train() may do more than set them
+        for m, _ in modes:
+            m.training = True
         train = trace_fn()
-        root.eval()
+        for m, _ in modes:
+            m.training = False
         evaluation = trace_fn()
     finally:
         for m, mode in modes:
