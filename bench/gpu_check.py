@@ -11,7 +11,7 @@ stops the check, and the tail of its log is printed:
 
 1. env    the device, its capability, torch / triton / python versions, git sha;
           no CUDA device is a failure that says so;
-2. build  the C++ extension in place with its CUDA ops for this GPU only
+2. build  an editable install (pip, offline) of the package with its CUDA ops for this GPU only
           (TORCH_CUDA_ARCH_LIST from the device's capability, MAX_JOBS = cores), then a
           check that the "cuda" backend is present;
 3. tests  ``pytest -m gpu`` with a per-test timeout, junit XML kept;
@@ -183,11 +183,15 @@ def arch_list(capability: tuple[int, int] | None) -> str:
 
 
 def build_stage(capability: tuple[int, int] | None) -> Stage:
-    """In-place build with CUDA ops for this GPU only. setup.py adds the CUDA ops when
-    torch is a CUDA build and torch's CUDA_HOME (nvcc) is found; LOCALPROP_NO_EXTENSION
-    would skip the extension altogether, so it is unset."""
+    """Editable install into this python, with CUDA ops for this GPU only. An install, not
+    ``setup.py build_ext --inplace``: the package maps ``localprop.kernels`` to the top-level
+    ``kernels/`` folder, which only an installed package resolves. Offline (``--no-index``,
+    ``--no-deps``) and against the torch already there (``--no-build-isolation``). setup.py
+    adds the CUDA ops when torch is a CUDA build and torch's CUDA_HOME (nvcc) is found;
+    LOCALPROP_NO_EXTENSION would skip the extension altogether, so it is unset."""
     env = {"TORCH_CUDA_ARCH_LIST": arch_list(capability), "MAX_JOBS": str(os.cpu_count() or 1)}
-    commands = [[python(), "setup.py", "build_ext", "--inplace"]]
+    commands = [[python(), "-m", "pip", "install", "-v", "--no-index", "--no-deps", "--no-build-isolation",
+                 "-e", "."]]
     return Stage("build", "build the extension with CUDA ops", commands, env, unset=("LOCALPROP_NO_EXTENSION",),
                  limit=STAGE_LIMITS["build"])
 
@@ -317,12 +321,20 @@ def run_stages(stages: list[Stage], out: Path, budget: float,
     return results
 
 
+def _env_info(out: Path) -> dict:
+    """What the env stage recorded in env.json ({} when it wrote none)."""
+    try:
+        info = json.loads((out / "env.json").read_text())
+    except (OSError, ValueError):
+        return {}
+    return info if isinstance(info, dict) else {}
+
+
 def capability_from(out: Path) -> tuple[int, int] | None:
     """The GPU's compute capability, as the env stage recorded it."""
     try:
-        info = json.loads((out / "env.json").read_text())
-        return tuple(info["capability"])
-    except (OSError, ValueError, KeyError, TypeError):
+        return tuple(_env_info(out)["capability"])
+    except (KeyError, TypeError):
         return None
 
 
@@ -428,7 +440,7 @@ def memory_table(rows: list[dict]) -> list[str]:
 def write_summary(out: Path, results: list[StageResult]) -> Path:
     """summary.md from the stages' outcomes and the rows in results.csv and memory.csv."""
     rows, mem = read_rows(out / "results.csv"), read_rows(out / "memory.csv")
-    first = (rows or mem or [{}])[0]
+    first = (rows or mem or [_env_info(out)])[0]
     lines = ["# GPU check", "",
              f"device {first.get('device', '?')}, torch {first.get('torch', '?')}, triton {first.get('triton', '?')}, "
              f"git {first.get('git_sha', '?')}, {first.get('date', '?')}", "",

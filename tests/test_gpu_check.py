@@ -6,6 +6,7 @@ stage itself rehearsed on CPU backends at a tiny size.
 """
 import csv
 import importlib.util
+import json
 import os
 import subprocess
 import sys
@@ -105,7 +106,9 @@ def test_build_targets_only_the_present_gpu():
     assert build.env["TORCH_CUDA_ARCH_LIST"] == "9.0"
     assert build.env["MAX_JOBS"] == str(os.cpu_count())
     assert "LOCALPROP_NO_EXTENSION" in build.unset
-    assert build.commands[0][1:] == ["setup.py", "build_ext", "--inplace"]
+    # an install: only an installed package maps localprop.kernels to the top-level kernels/
+    assert build.commands[0][1:4] == ["-m", "pip", "install"] and build.commands[0][-2:] == ["-e", "."]
+    assert {"--no-index", "--no-deps", "--no-build-isolation"} <= set(build.commands[0])
 
 
 def test_tests_stage_has_a_per_test_timeout_and_junit(tmp_path):
@@ -131,7 +134,7 @@ def test_dry_run_lists_every_stage_and_runs_nothing(tmp_path):
     text = result.stdout
     for name in ("[env]", "[build]", "[tests]", "[bench]"):
         assert name in text
-    assert "setup.py build_ext --inplace" in text and "TORCH_CUDA_ARCH_LIST=" in text
+    assert "pip install" in text and "-e ." in text and "TORCH_CUDA_ARCH_LIST=" in text
     assert "-m gpu" in text and "--junitxml=" in text
     assert "--stage bench" in text and "8192x8192" in text
     assert not out.exists()  # nothing was run or written
@@ -261,6 +264,13 @@ def test_summary_tables_read_back(tmp_path):
 def test_summary_without_rows_still_lists_the_stages(tmp_path):
     text = gc.write_summary(tmp_path, [gc.StageResult("env", False, 0.1, "no CUDA device", tmp_path)]).read_text()
     assert "| env | FAILED: no CUDA device | 0.1 |" in text
+
+
+def test_summary_without_rows_names_the_machine_from_the_env_stage(tmp_path):
+    info = {"device": "NVIDIA H200", "torch": "2.11.0+cu130", "triton": "3.6.0", "git_sha": "abc123"}
+    (tmp_path / "env.json").write_text(json.dumps(info))
+    text = gc.write_summary(tmp_path, [gc.StageResult("build", False, 3.0, "exit status 1", tmp_path)]).read_text()
+    assert "device NVIDIA H200, torch 2.11.0+cu130, triton 3.6.0, git abc123" in text
 
 
 # ---- the bench stage, rehearsed on CPU ---------------------------------------------
