@@ -120,6 +120,18 @@ def test_tests_stage_has_a_per_test_timeout_and_junit(tmp_path):
     assert (f"--timeout={gc.TEST_TIMEOUT}" in cmd) == has_plugin
 
 
+
+@pytest.mark.parametrize("has_xdist", [True, False])
+def test_tests_run_across_xdist_workers_when_it_is_installed(tmp_path, monkeypatch, has_xdist):
+    find_spec = importlib.util.find_spec
+    monkeypatch.setattr(gc.importlib.util, "find_spec",
+                        lambda name: (object() if has_xdist else None) if name == "xdist" else find_spec(name))
+    cmd = gc.pytest_command(tmp_path)
+    assert ("-n" in cmd) == has_xdist
+    if has_xdist:
+        assert int(cmd[cmd.index("-n") + 1]) == min(gc.MAX_TEST_WORKERS, os.cpu_count())
+
+
 def test_gpu_stages_do_not_run_triton_interpreted():
     for stage in gc.plan(gc.parse_args([])):
         if stage.name != "build":
@@ -165,6 +177,17 @@ def test_stops_at_the_first_failing_stage_and_shows_its_log(tmp_path, capsys):
     assert "stage two FAILED" in out and "it broke here" in out
     assert "line a\nit broke here\n" in (tmp_path / "logs" / "two.log").read_text()
     assert "first fine" in (tmp_path / "logs" / "one.log").read_text()
+
+
+def test_failed_tests_do_not_stop_the_benchmark(tmp_path, capsys):
+    marker = tmp_path / "bench-ran"
+    tests = fake("tests", "import sys; print('2 failed'); sys.exit(1)")
+    tests.blocking = False
+    results = gc.run_stages([fake("env", "pass"), tests, fake("bench", f"open({str(marker)!r}, 'w')")], tmp_path, 60)
+    assert [(r.name, r.ok) for r in results] == [("env", True), ("tests", False), ("bench", True)]
+    assert marker.exists()
+    assert "stage tests FAILED" in capsys.readouterr().out
+    assert [s.blocking for s in gc.plan(gc.parse_args([]))] == [True, True, False, True]
 
 
 def test_a_stage_past_its_limit_is_stopped(tmp_path):

@@ -1,6 +1,7 @@
 """Property-based tests (hypothesis) of every fused op against its PyTorch reference, on
-every backend present on CPU (cpp; triton under its interpreter, with smaller shapes and
-fewer examples because the interpreter runs each kernel in Python).
+cpp and triton (on CUDA where present, else under its interpreter; either way with smaller
+shapes and fewer examples, as the interpreter runs each kernel in Python). Examples are
+drawn on the CPU, moved to the backend's device, and its results are compared on the CPU.
 
 Each example draws a shape, a dtype, memory layouts and values in one of three regimes:
 "finite" (magnitudes from 1e-30 to 1e30, exact zeros, denormals, logits up to ~1e30 for
@@ -28,7 +29,7 @@ from localprop.ops.activation import pack_mask
 from tests.ops import cases
 from tests.ops.cases import ACTIVATIONS, LAYOUTS, backend_param, layout, per_backend, references
 
-#: the compiled backends on CPU (cuda has no properties yet); absent ones are skipped
+#: the backends under test (cuda has no properties yet); absent ones are skipped
 BACKENDS = ("cpp", "triton")
 DTYPES = (torch.float32, torch.float64)
 
@@ -113,6 +114,12 @@ def cast(args, dtype):
     return [a.to(dtype) if isinstance(a, torch.Tensor) and a.is_floating_point() else a for a in args]
 
 
+def on(backend, args):
+    """Tensors of ``args`` moved to the device ``backend`` runs on (None unchanged)."""
+    dev = cases.device(backend)
+    return [a.to(dev) if isinstance(a, torch.Tensor) else a for a in args]
+
+
 def relayout(args, kinds):
     """The first len(kinds) of ``args`` in those layouts (1-D, integer and the rest as they are)."""
     kinds = list(kinds) + ["contiguous"] * (len(args) - len(kinds))
@@ -149,7 +156,8 @@ def transform_cases(draw, backend, activation, regime):
 def check_transform(backend, case):
     dtype, activation = case["dtype"], case["activation"]
     args = [case["u"], case["w"], case["b"]]
-    h, aux = ops.transform(*relayout(cast(args, dtype), case["layouts"]), activation, backend=backend)
+    h, aux = ops.transform(*relayout(on(backend, cast(args, dtype)), case["layouts"]), activation, backend=backend)
+    h, aux = h.cpu(), aux.cpu()
     (h64, aux64), (h_same, aux_same), (h32, aux32) = references(
         lambda *a: ops.transform_ref(*a, activation), args, dtype)
     assert_matches(h, h64, h_same, h32, "h", case["regime"])
@@ -199,8 +207,9 @@ def head_error_cases(draw, backend, activation, regime):
 def check_head_error(backend, case):
     dtype, activation = case["dtype"], case["activation"]
     h, aux, a, c, y, w = case["args"]
-    inputs = relayout(cast(case["args"], dtype), case["layouts"])
+    inputs = relayout(on(backend, cast(case["args"], dtype)), case["layouts"])
     out = ops.head_error(*inputs[:5], activation, inputs[5], backend=backend)
+    out = type(out)(*(None if t is None else t.cpu() for t in out))
     ref64, same, ref32 = references(
         lambda h_, aux_, a_, c_, w_: ops.head_error_ref(h_, aux_, a_, c_, y, activation, w_),
         [h, aux, a, c, w], dtype)
@@ -260,11 +269,12 @@ def update_cases(draw, backend, regime):
 def train(make, case, dtype, backend, layouts=True):
     """(params, optimizer) after the case's steps on copies of its parameters in dtype.
     ``backend`` "reference" is update_ref on a deep copy of a fresh (params, optimizer)."""
-    params = [t.to(dtype, copy=True).requires_grad_() for t in (case["w"], case["b"]) if t is not None]
+    dev = cases.device(backend)
+    params = [t.to(dev, dtype, copy=True).requires_grad_() for t in (case["w"], case["b"]) if t is not None]
     params, opt = copy.deepcopy((params, make(params)))
     w, b = params[0], params[1] if len(params) > 1 else None
     for err, inp, kinds in case["steps"]:
-        err, inp = cast((err, inp), dtype)
+        err, inp = on(backend, cast((err, inp), dtype))
         if layouts:
             err, inp = layout(err, kinds[0]), layout(inp, kinds[1])
         with torch.no_grad():
@@ -277,15 +287,15 @@ def check_update(backend, case):
     params, opt = train(make, case, dtype, backend)
     runs = [train(make, case, d, "reference", layouts=False) for d in (torch.float64, dtype, torch.float32)]
     for i, p in enumerate(params):
-        assert_matches(p.detach(), *(r[0][i].detach() for r in runs), f"param {i}", case["regime"])
+        assert_matches(p.detach().cpu(), *(r[0][i].detach() for r in runs), f"param {i}", case["regime"])
         want = runs[1][1].state[runs[1][0][i]]
         got = opt.state[p]
         assert got.keys() == want.keys(), f"param {i}: state keys {list(got)} != {list(want)}"
         for key, value in want.items():
             if key == "step":
-                assert torch.equal(got[key], value)
+                assert torch.equal(got[key].cpu(), value)
             else:
-                assert_matches(got[key], *(r[1].state[r[0][i]][key] for r in runs), f"param {i} {key}",
+                assert_matches(got[key].cpu(), *(r[1].state[r[0][i]][key] for r in runs), f"param {i} {key}",
                                case["regime"])
 
 
@@ -299,9 +309,10 @@ def test_update(backend, regime):
 @backend_param(names=BACKENDS)
 def test_relu_keeps_nan_as_torch_does(backend):
     """A NaN pre-activation must stay NaN (a max-like ReLU turned it into 0 and hid it)."""
-    h, aux = ops.transform(torch.tensor([[float("nan")], [-1.0], [2.0]]), torch.ones(1, 1), None, "relu", backend)
+    u, w = on(backend, [torch.tensor([[float("nan")], [-1.0], [2.0]]), torch.ones(1, 1)])
+    h, aux = ops.transform(u, w, None, "relu", backend)
     assert h[0, 0].isnan() and h[1, 0] == 0 and h[2, 0] == 2
-    assert torch.equal(aux, pack_mask(torch.tensor([[False], [False], [True]])))
+    assert torch.equal(aux.cpu(), pack_mask(torch.tensor([[False], [False], [True]])))
 
 
 @backend_param(names=BACKENDS)
@@ -309,7 +320,8 @@ def test_confident_cross_entropy_keeps_its_precision(backend):
     """loss = (max - logit_y) + log Σ exp(logits - max): adding log Σ to the max first
     rounded a 1.1e-7 loss to 0 in float32."""
     logits, y = torch.tensor([[16.0, 0.0]]), torch.tensor([0])
-    out = ops.head_error(logits, logits.new_empty(0), None, None, y, None, backend=backend)
+    on_dev = on(backend, [logits, y])
+    out = ops.head_error(on_dev[0], on_dev[0].new_empty(0), None, None, on_dev[1], None, backend=backend)
     exact = float(torch.nn.functional.cross_entropy(logits.double(), y))
     torch_error = abs(float(torch.nn.functional.cross_entropy(logits, y)) - exact)
     assert abs(float(out.loss) - exact) <= 2 * torch_error + 1e-12

@@ -127,7 +127,7 @@ def test_tiles_a_weight_larger_than_the_workspace(backend):
 
 @backend_param(names=("cpp", "triton"))
 def test_first_step_overwrites_a_poisoned_momentum_buffer(backend):
-    w, _, [(err, inp)] = update_inputs(7, 37, 129, F64, steps=1)
+    w, _, [(err, inp)] = update_inputs(7, 37, 129, F64, device(backend), steps=1)
     want = w.clone()
     ref_opt = SGD([want], lr=0.1, momentum=0.9)
     want.grad = err.t() @ inp
@@ -170,7 +170,7 @@ def test_switching_with_torch_optim_and_state_dict(backend, name):
     """Fused steps, then optimizer.step(), then a state_dict round trip, then fused again:
     the same trajectory as torch.optim alone."""
     make = OPTIMIZERS[name]
-    w, b, batches = update_inputs(7, 37, 129, F64, steps=6)
+    w, b, batches = update_inputs(7, 37, 129, F64, device(backend), steps=6)
     w, b = w.requires_grad_(), b.requires_grad_()
     w2, b2 = (t.detach().clone().requires_grad_() for t in (w, b))
     opt, ref_opt = make([w, b]), make([w2, b2])
@@ -189,7 +189,7 @@ def test_switching_with_torch_optim_and_state_dict(backend, name):
                                 functools.partial(Adam, lr=0.01, amsgrad=True)], names=("cpp", "triton"))
 def test_unsupported_optimizer_falls_back_with_one_warning(backend, make, monkeypatch):
     monkeypatch.setattr(fused_update, "_warned", set())
-    w, b, batches = update_inputs(7, 37, 129, F64)
+    w, b, batches = update_inputs(7, 37, 129, F64, device(backend))
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         params, opt = fused_steps(make, backend, w, b, batches, "contiguous")
