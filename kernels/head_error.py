@@ -12,6 +12,7 @@ import triton
 import triton.language as tl
 from torch.library import triton_op, wrap_triton
 
+from localprop.kernels.summation import compensated, dot_add
 from localprop.ops.activation import GELU, NONE, RELU, SIGMOID, TANH
 
 # The activation codes (localprop/ops/activation.py) as the constexpr globals that
@@ -32,6 +33,7 @@ def _softmax_ce_kernel(
     HAS_HEAD: tl.constexpr,       # False: h itself is the logits (C == N)
     HAS_HEAD_BIAS: tl.constexpr,
     ACC_DTYPE: tl.constexpr,      # float32, or float64 for float64 inputs
+    COMPENSATE: tl.constexpr,     # Kahan-sum the head's N tiles (kernels/summation.py)
     BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
     rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
@@ -47,13 +49,14 @@ def _softmax_ce_kernel(
         inside = row_ok[:, None] & (cls[None, :] < C)
         if HAS_HEAD:
             acc = tl.zeros((BLOCK_M, BLOCK_C), ACC_DTYPE)
+            comp = tl.zeros((BLOCK_M, BLOCK_C), ACC_DTYPE)
             for k0 in range(0, N, BLOCK_K):
                 kk = k0 + ks
                 h = tl.load(h_ptr + rows[:, None] * stride_hb + kk[None, :] * stride_hn,
                             mask=row_ok[:, None] & (kk[None, :] < N), other=0.0)
                 at = tl.load(a_ptr + cls[None, :] * stride_ac + kk[:, None] * stride_an,
                              mask=(cls[None, :] < C) & (kk[:, None] < N), other=0.0)
-                acc = tl.dot(h, at.to(h.dtype), acc, input_precision="ieee", out_dtype=ACC_DTYPE)
+                acc, comp = dot_add(h, at.to(h.dtype), acc, comp, ACC_DTYPE, COMPENSATE)
             if HAS_HEAD_BIAS:
                 acc += tl.load(c_ptr + cls * stride_c, mask=cls < C, other=0.0).to(ACC_DTYPE)[None, :]
         else:
@@ -96,6 +99,7 @@ def _grad_matmul_kernel(
     HAS_RIGHT: tl.constexpr,   # False: the product is x itself (R == N), no head
     ACTIVATION: tl.constexpr,  # code of localprop/ops/activation.py; NONE for the message ε W
     ACC_DTYPE: tl.constexpr,
+    COMPENSATE: tl.constexpr,  # Kahan-sum the R tiles (kernels/summation.py)
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
     rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
@@ -104,13 +108,14 @@ def _grad_matmul_kernel(
     if HAS_RIGHT:
         ks = tl.arange(0, BLOCK_K)
         acc = tl.zeros((BLOCK_M, BLOCK_N), ACC_DTYPE)
+        comp = tl.zeros((BLOCK_M, BLOCK_N), ACC_DTYPE)
         for k0 in range(0, R, BLOCK_K):
             kk = k0 + ks
             x = tl.load(x_ptr + rows[:, None] * stride_xb + kk[None, :] * stride_xr,
                         mask=(rows[:, None] < B) & (kk[None, :] < R), other=0.0)
             m = tl.load(m_ptr + kk[:, None] * stride_mr + cols[None, :] * stride_mn,
                         mask=(kk[:, None] < R) & (cols[None, :] < N), other=0.0)
-            acc = tl.dot(x, m.to(x.dtype), acc, input_precision="ieee", out_dtype=ACC_DTYPE)
+            acc, comp = dot_add(x, m.to(x.dtype), acc, comp, ACC_DTYPE, COMPENSATE)
         g = acc  # kept unrounded through the epilogue: one rounding fewer than PyTorch
     else:
         g = tl.load(x_ptr + rows[:, None] * stride_xb + cols[None, :] * stride_xr,
@@ -155,7 +160,7 @@ def _grad_matmul(x, right, h, aux, activation, out):
         x, m, h, aux2, out, rows, n, r,
         x.stride(0), x.stride(1), m.stride(0), m.stride(1), h.stride(0), h.stride(1),
         aux2.stride(0), aux2.stride(1),
-        HAS_RIGHT=right is not None, ACTIVATION=activation, ACC_DTYPE=_acc_dtype(x),
+        HAS_RIGHT=right is not None, ACTIVATION=activation, ACC_DTYPE=_acc_dtype(x), COMPENSATE=compensated(x.dtype),
         BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k)
 
 
@@ -184,7 +189,7 @@ def head_error(h: torch.Tensor, aux: torch.Tensor, head_weight: torch.Tensor | N
         h, a, c, y, dlogits, row_loss, rows, n, classes,
         h.stride(0), h.stride(1), a.stride(0), a.stride(1), c.stride(0), y.stride(0),
         HAS_HEAD=head_weight is not None, HAS_HEAD_BIAS=head_bias is not None,
-        ACC_DTYPE=_acc_dtype(h), BLOCK_M=block_m, BLOCK_C=block_c, BLOCK_K=block_k)
+        ACC_DTYPE=_acc_dtype(h), COMPENSATE=compensated(h.dtype), BLOCK_M=block_m, BLOCK_C=block_c, BLOCK_K=block_k)
     # The mean of B per-row losses: one small torch reduction, cheaper than a kernel launch
     # that would have to wait for every row program anyway.
     loss = (row_loss.sum() / rows).to(h.dtype)

@@ -7,6 +7,7 @@ import triton
 import triton.language as tl
 from torch.library import triton_op, wrap_triton
 
+from localprop.kernels.summation import compensated, dot_add
 from localprop.ops.activation import GELU, RELU, SIGMOID, TANH
 
 # The activation codes (localprop/ops/activation.py) as the constexpr globals that
@@ -49,6 +50,7 @@ def _transform_kernel(
     ACTIVATION: tl.constexpr,  # code of localprop/ops/activation.py
     HAS_BIAS: tl.constexpr,
     ACC_DTYPE: tl.constexpr,   # float32, or float64 for float64 inputs
+    COMPENSATE: tl.constexpr,  # Kahan-sum the K tiles (kernels/summation.py)
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
     pid_m = tl.program_id(0)
@@ -57,6 +59,7 @@ def _transform_kernel(
     cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     ks = tl.arange(0, BLOCK_K)
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=ACC_DTYPE)
+    comp = tl.zeros((BLOCK_M, BLOCK_N), dtype=ACC_DTYPE)
     for k0 in range(0, K, BLOCK_K):
         kk = k0 + ks
         u = tl.load(u_ptr + rows[:, None] * stride_ub + kk[None, :] * stride_uk,
@@ -64,8 +67,7 @@ def _transform_kernel(
         # W tile loaded transposed ([BLOCK_K, BLOCK_N]) by its strides, so no copy of W
         wt = tl.load(w_ptr + cols[None, :] * stride_wn + kk[:, None] * stride_wk,
                      mask=(cols[None, :] < N) & (kk[:, None] < K), other=0.0)
-        # "ieee": fp32 inputs must not drop to tf32, torch's fp32 matmul does not
-        acc = tl.dot(u, wt.to(u.dtype), acc, input_precision="ieee", out_dtype=ACC_DTYPE)
+        acc, comp = dot_add(u, wt.to(u.dtype), acc, comp, ACC_DTYPE, COMPENSATE)
     if HAS_BIAS:
         acc += tl.load(b_ptr + cols * stride_b, mask=cols < N, other=0.0).to(ACC_DTYPE)[None, :]
     # Columns past N hold z = 0 (masked loads), so their mask bits come out 0 as the
@@ -117,7 +119,7 @@ def transform(u: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
         rows, n, k, u.stride(0), u.stride(1), weight.stride(0), weight.stride(1),
         0 if bias is None else bias.stride(0),
         ACTIVATION=activation, HAS_BIAS=bias is not None,
-        ACC_DTYPE=tl.float64 if u.dtype == torch.float64 else tl.float32,
+        ACC_DTYPE=tl.float64 if u.dtype == torch.float64 else tl.float32, COMPENSATE=compensated(u.dtype),
         BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k)
     return h, aux
 

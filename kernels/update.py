@@ -22,6 +22,8 @@ import triton
 import triton.language as tl
 from torch.library import triton_op, wrap_triton
 
+from localprop.kernels.summation import add_compensated, compensated, dot_add
+
 
 @triton.jit
 def _grad_tile(
@@ -33,10 +35,12 @@ def _grad_tile(
     HAS_INP: tl.constexpr,    # False: a bias, the gradient is Σ_b err (K == 1)
     DOT_DTYPE: tl.constexpr,  # common dtype of err and inp for tl.dot
     ACC_DTYPE: tl.constexpr,
+    COMPENSATE: tl.constexpr,  # Kahan-sum the batch tiles (kernels/summation.py)
     BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_B: tl.constexpr,
 ):
     """The [BLOCK_N, BLOCK_K] tile of errᵀ inp, reduced over the batch in ACC_DTYPE."""
     acc = tl.zeros((BLOCK_N, BLOCK_K), ACC_DTYPE)
+    comp = tl.zeros((BLOCK_N, BLOCK_K), ACC_DTYPE)
     for b0 in range(0, B, BLOCK_B):
         bs = b0 + tl.arange(0, BLOCK_B)
         # err tile loaded transposed ([BLOCK_N, BLOCK_B]) by its strides, so no copy of errᵀ
@@ -45,8 +49,9 @@ def _grad_tile(
         if HAS_INP:
             x = tl.load(inp_ptr + bs[:, None] * stride_ib + cols[None, :] * stride_ik,
                         mask=(bs[:, None] < B) & (cols[None, :] < K), other=0.0)
-            acc = tl.dot(err_t.to(DOT_DTYPE), x.to(DOT_DTYPE), acc, input_precision="ieee",
-                         out_dtype=ACC_DTYPE)
+            acc, comp = dot_add(err_t.to(DOT_DTYPE), x.to(DOT_DTYPE), acc, comp, ACC_DTYPE, COMPENSATE)
+        elif COMPENSATE:
+            acc, comp = add_compensated(acc, comp, tl.sum(err_t.to(ACC_DTYPE), axis=1)[:, None])
         else:
             acc += tl.sum(err_t.to(ACC_DTYPE), axis=1)[:, None]
     return acc
@@ -61,7 +66,7 @@ def _sgd_kernel(
     B, N, K, stride_pn, stride_pk, stride_bn, stride_bk, stride_eb, stride_en, stride_ib, stride_ik,
     MOMENTUM: tl.constexpr, FIRST_STEP: tl.constexpr,  # FIRST_STEP: the buffer starts as d_p
     NESTEROV: tl.constexpr, WEIGHT_DECAY: tl.constexpr, MAXIMIZE: tl.constexpr, HAS_INP: tl.constexpr,
-    DOT_DTYPE: tl.constexpr, ACC_DTYPE: tl.constexpr,
+    DOT_DTYPE: tl.constexpr, ACC_DTYPE: tl.constexpr, COMPENSATE: tl.constexpr,
     EPI_DTYPE: tl.constexpr,  # float32 (float64 for float64 params): the update's arithmetic
     BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_B: tl.constexpr,
 ):
@@ -72,7 +77,7 @@ def _sgd_kernel(
     momentum = tl.load(hyper_ptr + 1).to(EPI_DTYPE)
     dampening = tl.load(hyper_ptr + 2)
     g = _grad_tile(err_ptr, inp_ptr, B, N, K, stride_eb, stride_en, stride_ib, stride_ik, rows, cols,
-                   HAS_INP, DOT_DTYPE, ACC_DTYPE, BLOCK_N, BLOCK_K, BLOCK_B).to(EPI_DTYPE)
+                   HAS_INP, DOT_DTYPE, ACC_DTYPE, COMPENSATE, BLOCK_N, BLOCK_K, BLOCK_B).to(EPI_DTYPE)
     p_ptrs = p_ptr + rows[:, None] * stride_pn + cols[None, :] * stride_pk
     p = tl.load(p_ptrs, mask=inside, other=0.0).to(EPI_DTYPE)
     # sgd_step of csrc/update_math.h from here on, g its d
@@ -107,7 +112,7 @@ def _adam_kernel(
     B, N, K, stride_pn, stride_pk, stride_mn, stride_mk, stride_vn, stride_vk,
     stride_eb, stride_en, stride_ib, stride_ik,
     WEIGHT_DECAY: tl.constexpr, DECOUPLED: tl.constexpr, MAXIMIZE: tl.constexpr, HAS_INP: tl.constexpr,
-    DOT_DTYPE: tl.constexpr, ACC_DTYPE: tl.constexpr, EPI_DTYPE: tl.constexpr,
+    DOT_DTYPE: tl.constexpr, ACC_DTYPE: tl.constexpr, COMPENSATE: tl.constexpr, EPI_DTYPE: tl.constexpr,
     BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_B: tl.constexpr,
 ):
     rows = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -115,7 +120,7 @@ def _adam_kernel(
     inside = (rows[:, None] < N) & (cols[None, :] < K)
     beta2 = tl.load(hyper_ptr + 1)
     g = _grad_tile(err_ptr, inp_ptr, B, N, K, stride_eb, stride_en, stride_ib, stride_ik, rows, cols,
-                   HAS_INP, DOT_DTYPE, ACC_DTYPE, BLOCK_N, BLOCK_K, BLOCK_B).to(EPI_DTYPE)
+                   HAS_INP, DOT_DTYPE, ACC_DTYPE, COMPENSATE, BLOCK_N, BLOCK_K, BLOCK_B).to(EPI_DTYPE)
     p_ptrs = p_ptr + rows[:, None] * stride_pn + cols[None, :] * stride_pk
     m_ptrs = m_ptr + rows[:, None] * stride_mn + cols[None, :] * stride_mk
     v_ptrs = v_ptr + rows[:, None] * stride_vn + cols[None, :] * stride_vk
@@ -168,7 +173,7 @@ def _setup(param: torch.Tensor, err: torch.Tensor, inp: torch.Tensor | None) -> 
         args=(err, x, rows, n, k),
         strides=(err.stride(0), err.stride(1), x.stride(0), x.stride(1) if inp is not None else 0),
         meta=dict(HAS_INP=inp is not None, DOT_DTYPE=_TL[dot],
-                  ACC_DTYPE=tl.float64 if dot == torch.float64 else tl.float32,
+                  ACC_DTYPE=tl.float64 if dot == torch.float64 else tl.float32, COMPENSATE=compensated(dot),
                   EPI_DTYPE=tl.float64 if param.dtype == torch.float64 else tl.float32,
                   BLOCK_N=max(16, min(64, triton.next_power_of_2(n))), BLOCK_K=block_k,
                   BLOCK_B=max(16, min(32, triton.next_power_of_2(rows)))),
