@@ -24,15 +24,14 @@ kernels whatever a test found, and the check's exit status still says they faile
           inputs rotated beyond the L2; and the peak step memory of greedy vs bp on a
           16-node MLP.
 
-Written under the output folder: summary.md, results.csv (one row per measurement),
-memory.csv, gpu_check.png, junit.xml, logs/. The driver needs neither torch nor CUDA;
-only the child stages import them.
+Written under the output folder: summary.md, results.csv (one row per measurement, in
+localprop.benchresults' schema), gpu_check.png, junit.xml, logs/. The driver needs
+neither torch nor CUDA; only the child stages import them.
 """
 from __future__ import annotations
 
 import argparse
 import csv
-import datetime
 import importlib.util
 import json
 import math
@@ -73,10 +72,6 @@ TEST_TIMEOUT = 120      #: per GPU test
 #: GPU tests in 100 s where one got through 45% of them in 300 s
 MAX_TEST_WORKERS = 12
 
-COLUMNS = ("case", "provider", "shape", "dtype", "threads", "device", "median_ms", "p20_ms", "p80_ms", "ratio",
-           "torch", "triton", "git_sha", "date")
-MEMORY_COLUMNS = ("rule", "nodes", "width", "batch", "dtype", "peak_mib", "resident_mib", "ratio_to_bp",
-                  "device", "torch", "triton", "git_sha", "date")
 NO_CUDA_EXIT = 3        #: exit status of the env stage when no CUDA device is visible
 
 
@@ -373,24 +368,15 @@ def dry_run(args) -> int:
     say(f"gpu check plan (nothing is run); output folder {args.out}")
     for stage in plan(args):
         say(describe(stage))
-    say(f"then: {args.out}/summary.md, results.csv, memory.csv, gpu_check.png, logs/*.log")
+    say(f"then: {args.out}/summary.md, results.csv, gpu_check.png, logs/*.log")
     return 0
 
 
 # ---- results files -------------------------------------------------------------------
-def write_rows(path: Path, rows: list[dict], columns: Sequence[str] = COLUMNS) -> None:
-    """Append ``rows`` to the CSV at ``path`` (its header first when new) with exactly
-    ``columns``: a column a row lacks is left empty, a key not in ``columns`` is not written
-    (the per-run columns are shared by results.csv and memory.csv)."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    new = not path.exists() or path.stat().st_size == 0
-    with path.open("a", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=list(columns))
-        if new:
-            writer.writeheader()
-        writer.writerows({c: row.get(c, "") for c in columns} for row in rows)
-
-
+# results.csv is written by the bench stage with localprop.benchresults (the one schema of
+# every benchmark result: case, provider, shape as key=value, metric, median/p20/p80, ratio
+# to a baseline, where and with what). The driver reads it back as plain CSV, by column
+# name, so that it needs no torch.
 def read_rows(path: Path) -> list[dict]:
     if not path.exists():
         return []
@@ -398,67 +384,71 @@ def read_rows(path: Path) -> list[dict]:
         return list(csv.DictReader(f))
 
 
-def _number(text: str) -> float | None:
+def _number(text: str | None) -> float | None:
     try:
         return float(text)
     except (TypeError, ValueError):
         return None
 
 
-def _ms(row: dict | None) -> str:
-    value = _number(row["median_ms"]) if row else None
-    return "—" if value is None else f"{value:.3f}"
+def _size(shape: str) -> tuple[int, int]:
+    """(width, batch) of a row's ``shape`` ("width=W batch=B nodes=N")."""
+    fields = dict(part.split("=", 1) for part in shape.split())
+    return int(fields["width"]), int(fields["batch"])
 
 
-def _ratio(row: dict | None) -> str:
-    value = _number(row["ratio"]) if row else None
-    return "—" if value is None else f"{value:.2f}"
-
-
-def _shape_key(shape: str) -> list[int]:
-    return [int(v) for v in shape.split("x")]
+def _fmt(value: float | None, digits: str) -> str:
+    return "—" if value is None else format(value, digits)
 
 
 def speed_table(rows: list[dict]) -> list[str]:
-    """Markdown rows: per dtype and shape, the plain loop, each fused backend (and its
-    time over the loop's) and the GEMMs alone (and their share of each backend's step)."""
-    index = {(r["case"], r["provider"], r["shape"], r["dtype"]): r for r in rows}
-    floors = {(r["shape"], r["dtype"]): r for r in rows if r["case"] == "gemm_floor"}
-    fused = sorted({r["provider"] for r in rows if r["case"] == "greedy_step"})
-    keys = sorted({(r["dtype"], r["shape"]) for r in rows if r["case"] in ("torch_loop", "greedy_step")},
-                  key=lambda k: (k[0], _shape_key(k[1])))
+    """Markdown rows: per dtype and size, the plain loop, each fused backend (and its
+    time over the loop's) and the GEMMs alone (and their time over each backend's step)."""
+    timed = [r for r in rows if r["metric"] == "median_ms"]
+    median = {(r["case"], r["provider"], r["shape"], r["dtype"]): _number(r["median"]) for r in timed}
+    floors = {(r["shape"], r["dtype"]): _number(r["median"]) for r in timed if r["case"] == "gemm_floor"}
+    fused = sorted({r["provider"] for r in timed if r["case"] == "greedy_step"})
+    keys = sorted({(r["dtype"], r["shape"]) for r in timed if r["case"] in ("torch_loop", "greedy_step")},
+                  key=lambda k: (k[0], _size(k[1])))
     header = ["dtype", "width x batch", "plain loop ms"] + [f"{b} {c}" for b in fused for c in ("ms", "/ loop")]
     header += ["GEMMs ms"] + [f"GEMMs / {b}" for b in fused]
     lines = ["| " + " | ".join(header) + " |", "|---" * len(header) + "|"]
     for dtype, shape in keys:
-        cells = [dtype, shape, _ms(index.get(("torch_loop", "pytorch", shape, dtype)))]
-        for b in fused:
-            step = index.get(("greedy_step", b, shape, dtype))
-            cells += [_ms(step), _ratio(step)]
-        cells.append(_ms(floors.get((shape, dtype))))
-        cells += [_ratio(index.get(("roofline_fraction", b, shape, dtype))) for b in fused]
+        loop, floor = median.get(("torch_loop", "pytorch", shape, dtype)), floors.get((shape, dtype))
+        cells = [dtype, format_size(_size(shape)), _fmt(loop, ".3f")]
+        steps = [median.get(("greedy_step", b, shape, dtype)) for b in fused]
+        for step in steps:
+            cells += [_fmt(step, ".3f"), _fmt(step / loop if step and loop else None, ".2f")]
+        cells.append(_fmt(floor, ".3f"))
+        cells += [_fmt(floor / step if floor and step else None, ".2f") for step in steps]
         lines.append("| " + " | ".join(cells) + " |")
     return lines
 
 
 def memory_table(rows: list[dict]) -> list[str]:
+    """Markdown rows: per rule, its peak step memory, resident memory and peak over bp's."""
+    mem = [r for r in rows if r["case"] == "step_memory"]
+    value = {(r["provider"], r["metric"]): r for r in mem}
     lines = ["| rule | nodes | width x batch | dtype | peak step MiB | resident MiB | peak / bp |", "|---" * 7 + "|"]
-    for r in rows:
-        lines.append(f"| {r['rule']} | {r['nodes']} | {r['width']}x{r['batch']} | {r['dtype']} | "
-                     f"{float(r['peak_mib']):.1f} | {float(r['resident_mib']):.1f} | {float(r['ratio_to_bp']):.3f} |")
+    for r in mem:
+        if r["metric"] != "peak_mib":
+            continue
+        fields = dict(part.split("=", 1) for part in r["shape"].split())
+        resident = value.get((r["provider"], "resident_mib"))
+        lines.append(f"| {r['provider']} | {fields['nodes']} | {format_size(_size(r['shape']))} | {r['dtype']} | "
+                     f"{_fmt(_number(r['median']), '.1f')} | {_fmt(_number(resident and resident['median']), '.1f')} | "
+                     f"{_fmt(_number(r['ratio']), '.3f')} |")
     return lines
 
 
 def write_summary(out: Path, results: list[StageResult]) -> Path:
-    """summary.md from the stages' outcomes and the rows in results.csv and memory.csv."""
-    rows, mem = read_rows(out / "results.csv"), read_rows(out / "memory.csv")
-    first = (rows or mem or [_env_info(out)])[0]
-    lines = ["# GPU check", "",
-             f"device {first.get('device', '?')}, torch {first.get('torch', '?')}, triton {first.get('triton', '?')}, "
-             f"git {first.get('git_sha', '?')}, {first.get('date', '?')}", "",
+    """summary.md from the stages' outcomes and the rows in results.csv."""
+    rows = read_rows(out / "results.csv")
+    mem = [r for r in rows if r["case"] == "step_memory"]
+    lines = ["# GPU check", "", _machine_line(rows, _env_info(out)), "",
              "| stage | result | seconds |", "|---|---|---|"]
     lines += [f"| {r.name} | {'passed' if r.ok else 'FAILED: ' + r.message} | {r.seconds:.1f} |" for r in results]
-    if rows:
+    if any(r["metric"] == "median_ms" for r in rows):
         lines += ["", f"Greedy step of a {STEP_NODES}-node MLP, median ms (CUDA: triton.testing.do_bench); "
                   "plain loop = autograd per node + torch.optim.SGD(fused=True); GEMMs = the step's GEMMs alone "
                   "(cuBLAS), and their time over each fused step's (1 = at the GEMM roofline).", ""]
@@ -472,10 +462,18 @@ def write_summary(out: Path, results: list[StageResult]) -> Path:
     return path
 
 
+def _machine_line(rows: list[dict], env: dict) -> str:
+    """Where the rows were measured: from the first row, else from the env stage's record."""
+    if rows:
+        r = rows[0]
+        return f"device {r['device']}, {r['versions']}, git {r['git_sha']}, {r['date']}"
+    return (f"device {env.get('device', '?')}, torch={env.get('torch', '?')} triton={env.get('triton', '?')}, "
+            f"git {env.get('git_sha', '?')}")
+
+
 def write_plot(out: Path) -> Path | None:
     """gpu_check.png: step time per size for each provider, one panel per dtype."""
-    rows = [r for r in read_rows(out / "results.csv") if r["case"] in ("greedy_step", "torch_loop", "gemm_floor")
-            and _number(r["median_ms"]) is not None]
+    rows = [r for r in read_rows(out / "results.csv") if r["metric"] == "median_ms" and _number(r["median"]) is not None]
     if not rows or importlib.util.find_spec("matplotlib") is None:
         return None
     import matplotlib
@@ -488,13 +486,13 @@ def write_plot(out: Path) -> Path | None:
     fig, axes = plt.subplots(1, len(dtypes), figsize=(6 * len(dtypes), 4), squeeze=False)
     for ax, dtype in zip(axes[0], dtypes):
         mine = [r for r in rows if r["dtype"] == dtype]
-        shapes = sorted({r["shape"] for r in mine}, key=lambda s: [int(v) for v in s.split("x")])
+        shapes = sorted({r["shape"] for r in mine}, key=_size)
         for label in sorted({(r["case"], r["provider"]) for r in mine}):
-            points = {r["shape"]: float(r["median_ms"]) for r in mine if (r["case"], r["provider"]) == label}
+            points = {r["shape"]: float(r["median"]) for r in mine if (r["case"], r["provider"]) == label}
             xs = [i for i, s in enumerate(shapes) if s in points]
             ax.plot(xs, [points[shapes[i]] for i in xs], marker="o", color=colors[label],
                     label=f"{label[0]} ({label[1]})")
-        ax.set_xticks(range(len(shapes)), shapes, rotation=30)
+        ax.set_xticks(range(len(shapes)), [format_size(_size(sh)) for sh in shapes], rotation=30)
         ax.set_yscale("log")
         ax.set_xlabel("width x batch")
         ax.set_ylabel("median ms per step")
@@ -722,31 +720,29 @@ def measure(case: Case, time_fn) -> tuple[float, float, float]:
     return time_fn(lambda: case.fn(next(calls)))
 
 
-def run_env(device) -> dict[str, str]:
-    """The per-run columns of every row."""
-    import torch
-    name = torch.cuda.get_device_name(device) if device.type == "cuda" else (platform.processor() or "cpu")
-    return {"device": name, "threads": str(torch.get_num_threads()), "torch": torch.__version__,
-            "triton": version_of("triton"), "git_sha": git_sha(),
-            "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")}
+def step_shape(width: int, batch: int, nodes: int = STEP_NODES) -> str:
+    """A row's ``shape``: the MLP's width, batch and nodes as key=value."""
+    return f"width={width} batch={batch} nodes={nodes}"
 
 
-def row(env, case, provider, shape, dtype, timing=None, ratio=None) -> dict:
-    median, p20, p80 = timing or ("", "", "")
-    fmt = lambda v: v if v == "" else f"{v:.4f}"  # noqa: E731
-    return {**env, "case": case, "provider": provider, "shape": shape, "dtype": dtype, "median_ms": fmt(median),
-            "p20_ms": fmt(p20), "p80_ms": fmt(p80), "ratio": "" if ratio is None else f"{ratio:.4f}"}
+def result(env: dict, case: str, provider: str, shape: str, dtype: str, metric: str, value: float,
+           quantiles: tuple[float, float] | None = None, ratio: float | None = None, baseline: str = ""):
+    """One row of localprop.benchresults' schema; ``env`` is its where-and-with-what columns."""
+    from localprop.benchresults import Result
+    p20, p80 = quantiles or (None, None)
+    return Result(case=case, provider=provider, metric=metric, median=value, shape=shape, dtype=dtype, p20=p20,
+                  p80=p80, ratio=ratio, baseline=baseline, **env)
 
 
-def bench_size(width, batch, dtype_name, backends_, device, time_fn, env) -> tuple[list[dict], list[str]]:
-    """Rows for one (width, batch, dtype): plain loop, each backend's fused step, the
-    GEMM floor, and the floor's share of each step. Errors of a case are returned, not raised,
-    so that the other cases still run."""
+def bench_size(width, batch, dtype_name, backends_, device, time_fn, env) -> tuple[list, list[str]]:
+    """Rows for one (width, batch, dtype): the median ms of the plain loop, of each
+    backend's fused step and of the GEMMs alone, each with its ratio to the loop. Errors of
+    a case are returned, not raised, so that the other cases still run."""
     import functools
 
     import torch
     dtype = {"fp32": torch.float32, "bf16": torch.bfloat16}[dtype_name]
-    shape, rows, errors, steps = f"{width}x{batch}", [], [], {}
+    size, shape, rows, errors, loop = format_size((width, batch)), step_shape(width, batch), [], [], None
     cases = [("torch_loop", torch_loop_case)]
     cases += [(f"greedy_step {b}", functools.partial(fused_step_case, b)) for b in backends_]
     cases += [("gemm_floor", gemm_floor_case)]
@@ -757,27 +753,23 @@ def bench_size(width, batch, dtype_name, backends_, device, time_fn, env) -> tup
             timing = measure(case, time_fn)
         except Exception as exc:  # noqa: BLE001  (a broken case is reported, the rest still run)
             first = str(exc).splitlines()[0] if str(exc) else ""
-            errors.append(f"{dtype_name} {shape} {label}: {type(exc).__name__}: {first}")
+            errors.append(f"{dtype_name} {size} {label}: {type(exc).__name__}: {first}")
             say("  error: " + errors[-1])
             continue
-        steps[(case.case, case.provider)] = timing[0]
-        loop = steps.get(("torch_loop", "pytorch"))
-        ratio = 1.0 if case.case == "torch_loop" else (timing[0] / loop if loop else None)
-        rows.append(row(env, case.case, case.provider, shape, dtype_name, timing, ratio))
-        say(f"  {dtype_name} {shape:>11} {case.case:<12} {case.provider:<8} {timing[0]:10.3f} ms"
+        loop = timing[0] if case.case == "torch_loop" else loop
+        ratio = timing[0] / loop if loop else None
+        rows.append(result(env, case.case, case.provider, shape, dtype_name, "median_ms", timing[0], timing[1:],
+                           ratio, "pytorch"))
+        say(f"  {dtype_name} {size:>11} {case.case:<12} {case.provider:<8} {timing[0]:10.3f} ms"
             + (f"  x{ratio:.2f} of the loop" if ratio is not None else ""))
         if device.type == "cuda":
             torch.cuda.empty_cache()  # the next case's sizes should not be squeezed by this one's
-    floor = next((t for (c, _), t in steps.items() if c == "gemm_floor"), None)
-    for backend in backends_:
-        if floor is not None and ("greedy_step", backend) in steps:
-            rows.append(row(env, "roofline_fraction", backend, shape, dtype_name,
-                            ratio=floor / steps[("greedy_step", backend)]))
     return rows, errors
 
 
-def bench_memory(width, batch, device, env) -> list[dict]:
-    """Peak step memory of a MEMORY_NODES-node MLP under greedy and bp (lp.memory)."""
+def bench_memory(width, batch, device, env) -> list:
+    """Peak step memory (with its ratio to bp's) and resident memory, MiB, of a
+    MEMORY_NODES-node MLP under greedy and bp (lp.memory)."""
     import functools
 
     import torch
@@ -793,11 +785,11 @@ def bench_memory(width, batch, device, env) -> list[dict]:
 
     measured = lp.memory.compare(build, ["bp", "greedy"], x, y)
     bp = measured[0].peak_bytes or 1
-    rows = []
+    rows, shape = [], step_shape(width, batch, MEMORY_NODES)
     for m in measured:
-        rows.append({**env, "rule": m.rule, "nodes": MEMORY_NODES, "width": width, "batch": batch, "dtype": "fp32",
-                     "peak_mib": f"{m.peak_bytes / 2**20:.2f}", "resident_mib": f"{m.resident_bytes / 2**20:.2f}",
-                     "ratio_to_bp": f"{m.peak_bytes / bp:.4f}"})
+        rows.append(result(env, "step_memory", m.rule, shape, "fp32", "peak_mib", m.peak_bytes / 2**20,
+                           ratio=m.peak_bytes / bp, baseline="bp"))
+        rows.append(result(env, "step_memory", m.rule, shape, "fp32", "resident_mib", m.resident_bytes / 2**20))
         say(f"  memory {m.rule:<7} {MEMORY_NODES} nodes {width}x{batch}: peak {m.peak_bytes / 2**20:.1f} MiB "
             f"({m.peak_bytes / bp:.3f} of bp)")
     return rows
@@ -808,9 +800,10 @@ def bench_stage(args) -> int:
     so a run stopped by its time limit keeps what it measured. Non-zero if any case failed."""
     import torch
 
+    from localprop import benchresults
     from localprop.ops import backends
     device = torch.device(args.device)
-    sizes, env, errors = sizes_for(args), run_env(device), []
+    sizes, env, errors = sizes_for(args), benchresults.environment(device), []
     missing = {b: backends.why_unavailable(b, device) for b in args.backends}
     for name, reason in missing.items():
         if reason is not None:
@@ -818,9 +811,8 @@ def bench_stage(args) -> int:
             say("  error: " + errors[-1])
     present = [b for b, reason in missing.items() if reason is None]
     time_fn = timer(device, args.quick)
-    results, memory_csv = args.out / "results.csv", args.out / "memory.csv"
-    for path in (results, memory_csv):
-        path.unlink(missing_ok=True)  # one run's rows per folder
+    results = args.out / "results.csv"
+    results.unlink(missing_ok=True)  # one run's rows per folder
     # Memory first: it is short, and a run cut off by its time limit should still have it.
     width, batch = memory_size(sizes)
     try:
@@ -828,13 +820,11 @@ def bench_stage(args) -> int:
     except Exception as exc:  # noqa: BLE001  (reported as the stage's failure below)
         errors.append(f"memory {width}x{batch}: {type(exc).__name__}: {exc}")
         mem = []
-    write_rows(memory_csv, mem, MEMORY_COLUMNS)
-    write_rows(results, [row(env, "step_peak_memory", r["rule"], f"{MEMORY_NODES}x{width}x{batch}", "fp32",
-                             ratio=float(r["ratio_to_bp"])) for r in mem])
+    benchresults.write(results, mem)
     for dtype_name in args.dtypes:
         for width, batch in sizes:
             rows, errs = bench_size(width, batch, dtype_name, present, device, time_fn, env)
-            write_rows(results, rows)
+            benchresults.write(results, rows)
             errors += errs
     if errors:
         say(f"\n{len(errors)} case(s) failed:\n  " + "\n  ".join(errors))

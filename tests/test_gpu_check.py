@@ -4,7 +4,6 @@ The stages' plumbing (plan, dry run, stop at the first failure, time limits), th
 lists, the CSV and summary writers, the message on a machine without CUDA, and the bench
 stage itself rehearsed on CPU backends at a tiny size.
 """
-import csv
 import importlib.util
 import json
 import os
@@ -14,6 +13,8 @@ from pathlib import Path
 
 import pytest
 import torch
+
+from localprop import benchresults
 
 ROOT = Path(__file__).resolve().parent.parent
 SCRIPT = ROOT / "bench" / "gpu_check.py"
@@ -236,48 +237,40 @@ def test_without_cuda_the_check_says_so(tmp_path):
 
 
 # ---- results files -----------------------------------------------------------------
-def row(**values):
-    base = {c: "" for c in gc.COLUMNS}
-    base.update(threads="2", device="dev", torch="t", triton="tr", git_sha="abc", date="2024-01-01")
-    return {**base, **values}
+ENV = {"device": "dev", "threads": 2, "versions": "torch=t triton=tr localprop=l", "git_sha": "abc",
+       "date": "2024-01-01"}
 
 
-def test_results_csv_has_exactly_the_columns(tmp_path):
+def timed(case, provider, width, batch, dtype, ms, ratio=None):
+    return gc.result(ENV, case, provider, gc.step_shape(width, batch), dtype, "median_ms", ms, ratio=ratio,
+                     baseline="pytorch")
+
+
+def test_rows_are_in_the_one_results_schema(tmp_path):
     path = tmp_path / "results.csv"
-    rows = [row(case="torch_loop", provider="pytorch", shape="512x256", dtype="fp32", median_ms="1.5000",
-                p20_ms="1.4", p80_ms="1.6", ratio="1.0000"),
-            row(case="greedy_step", provider="cuda", shape="512x256", dtype="fp32", median_ms="0.7500",
-                ratio="0.5000")]
-    gc.write_rows(path, rows[:1])
-    gc.write_rows(path, rows[1:])  # appending keeps one header
-    with path.open(newline="") as f:
-        reader = csv.DictReader(f)
-        assert tuple(reader.fieldnames) == gc.COLUMNS
-        back = list(reader)
-    assert back == rows
-    assert gc.COLUMNS == ("case", "provider", "shape", "dtype", "threads", "device", "median_ms", "p20_ms",
-                          "p80_ms", "ratio", "torch", "triton", "git_sha", "date")
-
-
-def test_rows_are_written_with_exactly_the_columns_given(tmp_path):
-    gc.write_rows(tmp_path / "r.csv", [{"case": "c", "extra": "dropped"}])
-    (back,) = gc.read_rows(tmp_path / "r.csv")
-    assert tuple(back) == gc.COLUMNS and back["case"] == "c" and back["median_ms"] == ""
+    rows = [timed("torch_loop", "pytorch", 512, 256, "fp32", 1.5, 1.0),
+            timed("greedy_step", "cuda", 512, 256, "fp32", 0.75, 0.5)]
+    benchresults.write(path, rows[:1])
+    benchresults.write(path, rows[1:])  # appending keeps one header
+    assert benchresults.read(path) == rows
+    (back, _) = gc.read_rows(path)  # the driver reads them without torch, by column name
+    assert back["shape"] == "width=512 batch=256 nodes=4" and back["metric"] == "median_ms"
+    assert tuple(back) == benchresults.FIELDS
 
 
 def test_summary_tables_read_back(tmp_path):
-    gc.write_rows(tmp_path / "results.csv", [
-        row(case="torch_loop", provider="pytorch", shape="4096x4096", dtype="bf16", median_ms="2.0", ratio="1"),
-        row(case="greedy_step", provider="cuda", shape="4096x4096", dtype="bf16", median_ms="1.0", ratio="0.5"),
-        row(case="gemm_floor", provider="cublas", shape="4096x4096", dtype="bf16", median_ms="0.8", ratio="0.4"),
-        row(case="roofline_fraction", provider="cuda", shape="4096x4096", dtype="bf16", ratio="0.8")])
-    gc.write_rows(tmp_path / "memory.csv", [
-        {"rule": "bp", "nodes": 16, "width": 4096, "batch": 4096, "dtype": "fp32", "peak_mib": "100",
-         "resident_mib": "10", "ratio_to_bp": "1"},
-        {"rule": "greedy", "nodes": 16, "width": 4096, "batch": 4096, "dtype": "fp32", "peak_mib": "10",
-         "resident_mib": "11", "ratio_to_bp": "0.1"}], gc.MEMORY_COLUMNS)
+    shape = gc.step_shape(4096, 4096, gc.MEMORY_NODES)
+    benchresults.write(tmp_path / "results.csv", [
+        timed("torch_loop", "pytorch", 4096, 4096, "bf16", 2.0, 1.0),
+        timed("greedy_step", "cuda", 4096, 4096, "bf16", 1.0, 0.5),
+        timed("gemm_floor", "cublas", 4096, 4096, "bf16", 0.8, 0.4),
+        gc.result(ENV, "step_memory", "bp", shape, "fp32", "peak_mib", 100.0, ratio=1.0, baseline="bp"),
+        gc.result(ENV, "step_memory", "bp", shape, "fp32", "resident_mib", 10.0),
+        gc.result(ENV, "step_memory", "greedy", shape, "fp32", "peak_mib", 10.0, ratio=0.1, baseline="bp"),
+        gc.result(ENV, "step_memory", "greedy", shape, "fp32", "resident_mib", 11.0)])
     results = [gc.StageResult("env", True, 1.0, "ok", tmp_path), gc.StageResult("tests", False, 2.0, "boom", tmp_path)]
     text = gc.write_summary(tmp_path, results).read_text()
+    assert "device dev, torch=t triton=tr localprop=l, git abc, 2024-01-01" in text
     assert "| bf16 | 4096x4096 | 2.000 | 1.000 | 0.50 | 0.800 | 0.80 |" in text
     assert "| greedy | 16 | 4096x4096 | fp32 | 10.0 | 11.0 | 0.100 |" in text
     assert "| tests | FAILED: boom | 2.0 |" in text
@@ -293,7 +286,7 @@ def test_summary_without_rows_names_the_machine_from_the_env_stage(tmp_path):
     info = {"device": "NVIDIA H200", "torch": "2.11.0+cu130", "triton": "3.6.0", "git_sha": "abc123"}
     (tmp_path / "env.json").write_text(json.dumps(info))
     text = gc.write_summary(tmp_path, [gc.StageResult("build", False, 3.0, "exit status 1", tmp_path)]).read_text()
-    assert "device NVIDIA H200, torch 2.11.0+cu130, triton 3.6.0, git abc123" in text
+    assert "device NVIDIA H200, torch=2.11.0+cu130 triton=3.6.0, git abc123" in text
 
 
 # ---- the bench stage, rehearsed on CPU ---------------------------------------------
@@ -314,17 +307,19 @@ def test_bench_stage_rehearsed_on_cpu(tmp_path, capsys):
     rc = gc.main(["--stage", "bench", "--device", "cpu", "--backends", "reference", "cpp", "--sizes", "32x16",
                   "--dtypes", "fp32", "--quick", "--out", str(tmp_path)])
     assert rc == 0, capsys.readouterr().out
-    rows = gc.read_rows(tmp_path / "results.csv")
-    kinds = {(r["case"], r["provider"]) for r in rows}
-    assert {("torch_loop", "pytorch"), ("greedy_step", "reference"), ("greedy_step", "cpp"), ("gemm_floor", "pytorch"),
-            ("roofline_fraction", "cpp"), ("step_peak_memory", "bp"), ("step_peak_memory", "greedy")} <= kinds
+    rows = benchresults.read(tmp_path / "results.csv")
+    kinds = {(r.case, r.provider, r.metric) for r in rows}
+    assert {("torch_loop", "pytorch", "median_ms"), ("greedy_step", "reference", "median_ms"),
+            ("greedy_step", "cpp", "median_ms"), ("gemm_floor", "pytorch", "median_ms"),
+            ("step_memory", "bp", "peak_mib"), ("step_memory", "greedy", "peak_mib"),
+            ("step_memory", "greedy", "resident_mib")} <= kinds
     for r in rows:
-        assert r["device"] and r["torch"] == torch.__version__ and r["git_sha"] and r["date"]
-        if r["case"] in ("torch_loop", "greedy_step", "gemm_floor"):
-            assert float(r["p20_ms"]) <= float(r["median_ms"]) <= float(r["p80_ms"])
-    mem = {r["rule"]: r for r in gc.read_rows(tmp_path / "memory.csv")}
-    assert set(mem) == {"bp", "greedy"} and mem["bp"]["nodes"] == str(gc.MEMORY_NODES)
-    assert float(mem["greedy"]["peak_mib"]) < float(mem["bp"]["peak_mib"])
+        assert r.device and f"torch={torch.__version__}" in r.versions and r.git_sha and r.date
+        if r.metric == "median_ms":
+            assert r.p20 <= r.median <= r.p80 and r.ratio is not None and r.baseline == "pytorch"
+    peak = {r.provider: r for r in rows if r.metric == "peak_mib"}
+    assert peak["bp"].shape == gc.step_shape(32, 16, gc.MEMORY_NODES) and peak["bp"].ratio == 1.0
+    assert peak["greedy"].median < peak["bp"].median
     gc.write_report(tmp_path, [gc.StageResult("bench", True, 1.0, "ok", tmp_path)])
     assert "| fp32 | 32x16 |" in (tmp_path / "summary.md").read_text()
     assert (tmp_path / "gpu_check.png").stat().st_size > 0
@@ -336,7 +331,7 @@ def test_bench_stage_fails_when_a_backend_is_missing(tmp_path, capsys):
                   "--dtypes", "fp32", "--quick", "--out", str(tmp_path)])
     assert rc == 1
     assert "backend cuda is not available" in capsys.readouterr().out
-    assert gc.read_rows(tmp_path / "results.csv")  # what could run still has its rows
+    assert benchresults.read(tmp_path / "results.csv")  # what could run still has its rows
 
 
 def test_step_gemms_cover_every_node():
