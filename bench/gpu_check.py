@@ -410,8 +410,9 @@ def speed_table(rows: list[dict]) -> list[str]:
     fused = sorted({r["provider"] for r in timed if r["case"] == "greedy_step"})
     keys = sorted({(r["dtype"], r["shape"]) for r in timed if r["case"] in ("torch_loop", "greedy_step")},
                   key=lambda k: (k[0], _size(k[1])))
+    unchecked = sorted({r["provider"] for r in timed if r["case"] == "greedy_step_unchecked"})
     header = ["dtype", "width x batch", "plain loop ms"] + [f"{b} {c}" for b in fused for c in ("ms", "/ loop")]
-    header += ["GEMMs ms"] + [f"GEMMs / {b}" for b in fused]
+    header += [f"{b} unchecked ms" for b in unchecked] + ["GEMMs ms"] + [f"GEMMs / {b}" for b in fused]
     lines = ["| " + " | ".join(header) + " |", "|---" * len(header) + "|"]
     for dtype, shape in keys:
         loop, floor = median.get(("torch_loop", "pytorch", shape, dtype)), floors.get((shape, dtype))
@@ -419,6 +420,7 @@ def speed_table(rows: list[dict]) -> list[str]:
         steps = [median.get(("greedy_step", b, shape, dtype)) for b in fused]
         for step in steps:
             cells += [_fmt(step, ".3f"), _fmt(step / loop if step and loop else None, ".2f")]
+        cells += [_fmt(median.get(("greedy_step_unchecked", b, shape, dtype)), ".3f") for b in unchecked]
         cells.append(_fmt(floor, ".3f"))
         cells += [_fmt(floor / step if floor and step else None, ".2f") for step in steps]
         lines.append("| " + " | ".join(cells) + " |")
@@ -450,7 +452,8 @@ def write_summary(out: Path, results: list[StageResult]) -> Path:
     lines += [f"| {r.name} | {'passed' if r.ok else 'FAILED: ' + r.message} | {r.seconds:.1f} |" for r in results]
     if any(r["metric"] == "median_ms" for r in rows):
         lines += ["", f"Greedy step of a {STEP_NODES}-node MLP, median ms (CUDA: triton.testing.do_bench); "
-                  "plain loop = autograd per node + torch.optim.SGD(fused=True); GEMMs = the step's GEMMs alone "
+                  "plain loop = autograd per node + torch.optim.SGD(fused=True); unchecked = the fused step "
+                  "with check_finite=False (no sync per node); GEMMs = the step's GEMMs alone "
                   "(cuBLAS), and their time over each fused step's (1 = at the GEMM roofline).", ""]
         lines += speed_table(rows)
     if mem:
@@ -638,15 +641,18 @@ def step_gemms(width: int, batch: int) -> list[tuple[int, int, int]]:
     return hidden * (STEP_NODES - 1) + [(b, c, w), (c, w, b)]
 
 
-def fused_step_case(backend: str, width, batch, dtype, device) -> Case:
-    """The library's greedy step of a STEP_NODES-node MLP on ``backend``."""
+def fused_step_case(backend: str, width, batch, dtype, device, check_finite: bool = True) -> Case:
+    """The library's greedy step of a STEP_NODES-node MLP on ``backend``. Without
+    ``check_finite`` (case "greedy_step_unchecked"), the step skips the loss and parameter
+    checks, each a device-to-host sync per node, which the plain loop does not make."""
     import functools
 
     import localprop as lp
     net = lp.mlp([width] * STEP_NODES + [CLASSES], rule="greedy", backend=backend, dtype=dtype, device=device,
-                 optimizer=functools.partial(optimizer, fused=False))
+                 optimizer=functools.partial(optimizer, fused=False), check_finite=check_finite)
     data = batches(width, batch, dtype, device)
-    return Case("greedy_step", backend, lambda i: net.train_step(*data[i % len(data)]))
+    case = "greedy_step" if check_finite else "greedy_step_unchecked"
+    return Case(case, backend, lambda i: net.train_step(*data[i % len(data)]))
 
 
 def torch_loop_case(width, batch, dtype, device) -> Case:
@@ -745,6 +751,8 @@ def bench_size(width, batch, dtype_name, backends_, device, time_fn, env) -> tup
     size, shape, rows, errors, loop = format_size((width, batch)), step_shape(width, batch), [], [], None
     cases = [("torch_loop", torch_loop_case)]
     cases += [(f"greedy_step {b}", functools.partial(fused_step_case, b)) for b in backends_]
+    cases += [(f"greedy_step_unchecked {b}", functools.partial(fused_step_case, b, check_finite=False))
+              for b in backends_]
     cases += [("gemm_floor", gemm_floor_case)]
     for label, make in cases:
         torch.manual_seed(0)

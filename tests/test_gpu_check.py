@@ -263,6 +263,7 @@ def test_summary_tables_read_back(tmp_path):
     benchresults.write(tmp_path / "results.csv", [
         timed("torch_loop", "pytorch", 4096, 4096, "bf16", 2.0, 1.0),
         timed("greedy_step", "cuda", 4096, 4096, "bf16", 1.0, 0.5),
+        timed("greedy_step_unchecked", "cuda", 4096, 4096, "bf16", 0.9, 0.45),
         timed("gemm_floor", "cublas", 4096, 4096, "bf16", 0.8, 0.4),
         gc.result(ENV, "step_memory", "bp", shape, "fp32", "peak_mib", 100.0, ratio=1.0, baseline="bp"),
         gc.result(ENV, "step_memory", "bp", shape, "fp32", "resident_mib", 10.0),
@@ -271,7 +272,8 @@ def test_summary_tables_read_back(tmp_path):
     results = [gc.StageResult("env", True, 1.0, "ok", tmp_path), gc.StageResult("tests", False, 2.0, "boom", tmp_path)]
     text = gc.write_summary(tmp_path, results).read_text()
     assert "device dev, torch=t triton=tr localprop=l, git abc, 2024-01-01" in text
-    assert "| bf16 | 4096x4096 | 2.000 | 1.000 | 0.50 | 0.800 | 0.80 |" in text
+    assert "| cuda unchecked ms | GEMMs ms |" in text
+    assert "| bf16 | 4096x4096 | 2.000 | 1.000 | 0.50 | 0.900 | 0.800 | 0.80 |" in text
     assert "| greedy | 16 | 4096x4096 | fp32 | 10.0 | 11.0 | 0.100 |" in text
     assert "| tests | FAILED: boom | 2.0 |" in text
     assert (tmp_path / "summary.md").exists()
@@ -310,7 +312,8 @@ def test_bench_stage_rehearsed_on_cpu(tmp_path, capsys):
     rows = benchresults.read(tmp_path / "results.csv")
     kinds = {(r.case, r.provider, r.metric) for r in rows}
     assert {("torch_loop", "pytorch", "median_ms"), ("greedy_step", "reference", "median_ms"),
-            ("greedy_step", "cpp", "median_ms"), ("gemm_floor", "pytorch", "median_ms"),
+            ("greedy_step", "cpp", "median_ms"), ("greedy_step_unchecked", "cpp", "median_ms"),
+            ("gemm_floor", "pytorch", "median_ms"),
             ("step_memory", "bp", "peak_mib"), ("step_memory", "greedy", "peak_mib"),
             ("step_memory", "greedy", "resident_mib")} <= kinds
     for r in rows:
