@@ -392,10 +392,15 @@ def _number(text: str | None) -> float | None:
         return None
 
 
+def _fields(shape: str) -> dict[str, int]:
+    """A row's ``shape`` ("width=W batch=B nodes=N") as {"width": W, "batch": B, "nodes": N}."""
+    return {key: int(value) for key, value in (part.split("=", 1) for part in shape.split())}
+
+
 def _size(shape: str) -> tuple[int, int]:
-    """(width, batch) of a row's ``shape`` ("width=W batch=B nodes=N")."""
-    fields = dict(part.split("=", 1) for part in shape.split())
-    return int(fields["width"]), int(fields["batch"])
+    """(width, batch) of a row's ``shape``."""
+    fields = _fields(shape)
+    return fields["width"], fields["batch"]
 
 
 def _fmt(value: float | None, digits: str) -> str:
@@ -431,16 +436,13 @@ def speed_table(rows: list[dict]) -> list[str]:
 def memory_table(rows: list[dict]) -> list[str]:
     """Markdown rows: per rule, its peak step memory, resident memory and peak over bp's."""
     mem = [r for r in rows if r["case"] == "step_memory"]
-    value = {(r["provider"], r["metric"]): r for r in mem}
+    resident = {r["provider"]: _number(r["median"]) for r in mem if r["metric"] == "resident_mib"}
     lines = ["| rule | nodes | width x batch | dtype | peak step MiB | resident MiB | peak / bp |", "|---" * 7 + "|"]
-    for r in mem:
-        if r["metric"] != "peak_mib":
-            continue
-        fields = dict(part.split("=", 1) for part in r["shape"].split())
-        resident = value.get((r["provider"], "resident_mib"))
-        lines.append(f"| {r['provider']} | {fields['nodes']} | {format_size(_size(r['shape']))} | {r['dtype']} | "
-                     f"{_fmt(_number(r['median']), '.1f')} | {_fmt(_number(resident and resident['median']), '.1f')} | "
-                     f"{_fmt(_number(r['ratio']), '.3f')} |")
+    for r in (r for r in mem if r["metric"] == "peak_mib"):
+        cells = [r["provider"], str(_fields(r["shape"])["nodes"]), format_size(_size(r["shape"])), r["dtype"],
+                 _fmt(_number(r["median"]), ".1f"), _fmt(resident.get(r["provider"]), ".1f"),
+                 _fmt(_number(r["ratio"]), ".3f")]
+        lines.append("| " + " | ".join(cells) + " |")
     return lines
 
 
@@ -477,7 +479,8 @@ def _machine_line(rows: list[dict], env: dict) -> str:
 
 def write_plot(out: Path) -> Path | None:
     """gpu_check.png: step time per size for each provider, one panel per dtype."""
-    rows = [r for r in read_rows(out / "results.csv") if r["metric"] == "median_ms" and _number(r["median"]) is not None]
+    rows = [r for r in read_rows(out / "results.csv")
+            if r["metric"] == "median_ms" and _number(r["median"]) is not None]
     if not rows or importlib.util.find_spec("matplotlib") is None:
         return None
     import matplotlib
