@@ -121,7 +121,6 @@ def test_tests_stage_has_a_per_test_timeout_and_junit(tmp_path):
     assert (f"--timeout={gc.TEST_TIMEOUT}" in cmd) == has_plugin
 
 
-
 @pytest.mark.parametrize("has_xdist", [True, False])
 def test_tests_run_across_xdist_workers_when_it_is_installed(tmp_path, monkeypatch, has_xdist):
     find_spec = importlib.util.find_spec
