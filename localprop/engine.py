@@ -67,10 +67,12 @@ class LocalSequential(Network):
         num_classes: C, number of classes of the labels; by default the size of the last
             node's output (checked against it when given).
         heads: how the auxiliary heads are built: None (from each node's output shape, see
-            :func:`localprop.heads.default_head`), "tokens" (outputs [B, T, D] are token
-            features: pooled over T for per-sample targets, per token for per-position ones;
-            the default when x holds token ids) or a factory ``(node index, per-sample
-            output shape, output size) -> nn.Module``.
+            :func:`localprop.heads.default_head`), "full" (the same, but a feature map's
+            convolution runs at the map's full resolution, not pooled first: better
+            features, a node's worth of FLOPs per head, see :func:`localprop.heads.map_head`),
+            "tokens" (outputs [B, T, D] are token features: pooled over T for per-sample
+            targets, per token for per-position ones; the default when x holds token ids)
+            or a factory ``(node index, per-sample output shape, output size) -> nn.Module``.
         variable_dims: the per-sample dimensions of x that may change between batches
             (default: every one for integer token ids, none for float inputs); they are
             found to vary in the outputs by a second dry run at build.
@@ -530,9 +532,12 @@ def _head_factory(heads_arg):
     """The head builder for ``heads=``: ``(k, shape, size, per_position, tokens) -> head``."""
     if heads_arg is None or heads_arg == "tokens":
         return lambda k, shape, size, per_position, tokens: heads.default_head(shape, size, per_position, tokens)
+    if heads_arg == "full":
+        return lambda k, shape, size, per_position, tokens: heads.default_head(shape, size, per_position, tokens,
+                                                                               pooled=None)
     if callable(heads_arg) and not isinstance(heads_arg, str):
         return lambda k, shape, size, per_position, tokens: _checked_head(heads_arg(k, shape, size), k)
-    raise ValueError(f"heads must be None, 'tokens' or a factory (node index, output shape, output size) -> "
+    raise ValueError(f"heads must be None, 'full', 'tokens' or a factory (node index, output shape, output size) -> "
                      f"nn.Module, got {heads_arg!r}")
 
 

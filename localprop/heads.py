@@ -25,7 +25,8 @@ POOLED = 4
 WIDTH = 128
 
 
-def default_head(shape: tuple[int, ...], size: int, per_position: bool = False, tokens: bool = False) -> nn.Module:
+def default_head(shape: tuple[int, ...], size: int, per_position: bool = False, tokens: bool = False,
+                 pooled: int | None = POOLED) -> nn.Module:
     """A head for a node output of per-sample ``shape`` that predicts ``size`` values, per
     sample or (``per_position``) per position of a [T, D] output:
 
@@ -33,7 +34,7 @@ def default_head(shape: tuple[int, ...], size: int, per_position: bool = False, 
     - token features [T, D] (``tokens``), per sample -> mean over T, :class:`TokenHead`;
     - [C] -> Linear(C, size);
     - maps [C, L] and [C, H, W] -> :func:`map_head`, a small convolutional head on the
-      map average-pooled to at most POOLED per side;
+      map average-pooled to at most ``pooled`` per side (None: at full resolution);
     - other shapes -> flatten, Linear.
     """
     if per_position or (tokens and len(shape) == 2):
@@ -45,14 +46,15 @@ def default_head(shape: tuple[int, ...], size: int, per_position: bool = False, 
     if len(shape) == 1:
         return nn.Linear(shape[0], size)
     if len(shape) in (2, 3):
-        return map_head(shape, size)
+        return map_head(shape, size, pooled)
     return nn.Sequential(nn.Flatten(), nn.Linear(math.prod(shape), size))
 
 
-def map_head(shape: tuple[int, ...], size: int) -> nn.Module:
+def map_head(shape: tuple[int, ...], size: int, pooled: int | None = POOLED) -> nn.Module:
     """The head of a feature map of per-sample ``shape`` [C, L] or [C, H, W]: average-pool
-    to at most POOLED per side, Conv(C, W, 3, padding 1) with W = min(C, WIDTH), ReLU,
-    average-pool to 2 per side, flatten, Linear(2W or 4W, size).
+    to at most ``pooled`` per side (None: no pooling, ``heads="full"``), Conv(C, W, 3,
+    padding 1) with W = min(C, WIDTH), ReLU, average-pool to 2 per side, flatten,
+    Linear(2W or 4W, size).
 
     Why a convolution (DGL's auxiliary networks have them too): on MNIST-1D's 8-node 1-D
     CNN (greedy, SGD lr 0.03, seeds 0-3, bench/rules/converge.py's training loop with each
@@ -62,14 +64,22 @@ def map_head(shape: tuple[int, ...], size: int) -> nn.Module:
     chosen on validation, 3 seeds, a constant lr then) it moved greedy from 90.7 to 92.4%
     at 8 nodes but from 93.0 to 91.2% at 4, and made pgl steady (8 nodes: 76.1 ± 18.6 ->
     94.3 ± 1.3%; 4 nodes: 77.4 -> 92.5%); over greedy, sgr, bll and pgl at 4 and 8 nodes the
-    mean rose from 88.4 to 92.9%. Pooling first keeps the head at a few percent of a
-    full-resolution node's FLOPs and activations (for a 32 x 32 map, 1/64 of a conv layer).
+    mean rose from 88.4 to 92.9%.
+
+    Why pooling first by default: it keeps the head at a few percent of a full-resolution
+    node's FLOPs and activations (for a 32 x 32 map, 1/64 of a conv layer), which is what
+    makes early exits cheap. Unpooled, the head's convolution costs as much as a node's own
+    C -> C convolution (a quarter of it for C = 4 WIDTH), and it learns better features: on
+    that CNN, with one lr drop, greedy's validation accuracy rose by about one point (see
+    the README's converged table), so ``heads="full"`` is the choice when accuracy matters
+    more than training FLOPs and exits.
     """
     channels, sides = shape[0], shape[1:]
     width = min(channels, WIDTH)
     pool, conv = (nn.AdaptiveAvgPool1d, nn.Conv1d) if len(sides) == 1 else (nn.AdaptiveAvgPool2d, nn.Conv2d)
-    return nn.Sequential(pool(tuple(min(side, POOLED) for side in sides)), conv(channels, width, 3, padding=1),
-                         nn.ReLU(), pool(2), nn.Flatten(), nn.Linear(width * 2 ** len(sides), size))
+    first = [] if pooled is None else [pool(tuple(min(side, pooled) for side in sides))]
+    return nn.Sequential(*first, conv(channels, width, 3, padding=1), nn.ReLU(), pool(2), nn.Flatten(),
+                         nn.Linear(width * 2 ** len(sides), size))
 
 
 class TokenHead(nn.Sequential):

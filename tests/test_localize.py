@@ -74,6 +74,29 @@ def test_default_head_of_a_map_is_a_pooled_convolution(shape, width):
     assert head(torch.randn(3, *shape)).shape == (3, 10)
 
 
+def test_full_heads_convolve_the_map_at_its_full_resolution():
+    """heads="full": the convolution sees every position of the node's map (nothing pooled
+    before it), the head's output is the same size, and the network trains."""
+    model = cnn()
+    x, y = torch.randn(6, 1, 8, 8), torch.randint(0, 5, (6,))
+    net = lp.localize(model, num_classes=5, optimizer=SGD, example_input=x, heads="full")
+    head0 = net.nodes[0].head
+    assert isinstance(head0[0], nn.Conv2d)
+    seen = []
+    head0[0].register_forward_hook(lambda m, args, out: seen.append(args[0].shape))
+    h0 = net.nodes[0](x)
+    assert head0(h0).shape == (6, 5) and seen[-1] == h0.shape
+    pooled = lp.localize(cnn(), num_classes=5, optimizer=SGD, example_input=x).nodes[0].head
+    assert sum(p.numel() for p in head0.parameters()) == sum(p.numel() for p in pooled.parameters())
+    losses = [net.train_step(x, y).losses["0"] for _ in range(30)]
+    assert losses[-1] < losses[0]
+
+
+def test_localize_refuses_an_unknown_heads_name():
+    with pytest.raises(ValueError, match="heads must be None, 'full', 'tokens' or a factory"):
+        lp.localize(cnn(), num_classes=5, heads="pooled")
+
+
 def test_localize_builds_on_first_batch_without_example():
     net = lp.localize(cnn(), num_classes=5)
     assert not net.built

@@ -100,11 +100,12 @@ def splits() -> tuple[data.Split, torch.Tensor, torch.Tensor]:
     return trval, full.x_test, full.y_test
 
 
-def factory(model: str, depth: int, lr: float, example: torch.Tensor):
-    """rule -> a fresh network: run.py's CNN (16 channels) or MLP (width 256 at 4 nodes, 128
-    deeper), He init beyond 4 nodes, as run.py builds them; the MLP sees the flat [N, 40]."""
+def factory(model: str, depth: int, lr: float, example: torch.Tensor, heads: str | None = None):
+    """rule -> a fresh network: run.py's CNN (16 channels; ``heads``: localize's heads=) or
+    MLP (width 256 at 4 nodes, 128 deeper), He init beyond 4 nodes, as run.py builds them;
+    the MLP sees the flat [N, 40]."""
     if model == "cnn":
-        make = functools.partial(bench.cnn1d, depth=depth, channels=CHANNELS, example=example, lr=lr)
+        make = functools.partial(bench.cnn1d, depth=depth, channels=CHANNELS, example=example, lr=lr, heads=heads)
     else:
         make = functools.partial(bench.mlp, inputs=40, depth=depth, width=256 if depth <= 4 else 128, lr=lr)
     return bench.deep(make, depth)
@@ -164,7 +165,7 @@ def train(net, trval: data.Split, x_test, y_test, seed: int, cap: int, patience:
 def one(model, depth, rule, lr, seed, ctx) -> Run:
     """Train one (model, nodes, rule, lr, seed) and print a line for it."""
     torch.manual_seed(seed)
-    net = factory(model, depth, lr, ctx["example"])(common.rule_of(rule))
+    net = factory(model, depth, lr, ctx["example"], ctx["heads"])(common.rule_of(rule))
     if model == "mlp":
         net = Flat(net)
     run = train(net, ctx["trval"], ctx["x_test"], ctx["y_test"], seed, CAP[model], ctx["patience"],
@@ -190,9 +191,10 @@ def setting(model: str, depth: int, rules: list[str], ctx) -> tuple[list[dict], 
         lr = max(scored, key=scored.get)
         runs = sweep[lr] + [one(model, depth, rule, lr, s, ctx) for s in range(len(swept), ctx["seeds"])]
         ok = [r for r in runs if r.val and not r.diverged]
-        rows.append(row(model, depth, rule, lr, runs, ok, scored, ctx))
+        label = rule if ctx["heads"] is None else f"{rule} heads={ctx['heads']}"
+        rows.append(row(model, depth, label, lr, runs, ok, scored, ctx))
         if ok:
-            curves[rule] = mean_curve([r.val for r in ok])
+            curves[label] = mean_curve([r.val for r in ok])
     return rows, curves
 
 
@@ -288,8 +290,8 @@ def write(rows: list[dict], new: list[dict], ctx, command: str) -> None:
                f"by >= {ctx['min_delta'] * 100:g} points in {ctx['patience']} epochs (a plateau), every lr divided by "
                f"{1 / DROP:g} at the first {ctx['drops']} plateau(s); cap {CAP}. lr swept over "
                f"{ctx['lrs']} on {_seeds(ctx['sweep_seeds'])} (chosen on validation), then {ctx['seeds']} seeds. "
-               f"SGD momentum 0.9, "
-               f"batch {BATCH}; rules at registry defaults; pgl-own: PGL(global_state=\"own\"). Curves: "
+               f"SGD momentum 0.9, batch {BATCH}; rules at registry defaults; heads: {ctx['heads'] or 'default'}; "
+               f"pgl-own: PGL(global_state=\"own\"). Curves: "
                f"rules_converged/.\n\n" + markdown(rows))
     old = path.read_text().split(SECTION)[1:] if path.exists() else []
     kept = [part for part in old if not part.startswith(f"`{command}`\n")]
@@ -308,6 +310,8 @@ def main() -> None:
     p.add_argument("--patience", type=int, default=10)
     p.add_argument("--drops", type=int, default=DROPS, help=f"plateaus with every lr times {DROP:g} before the stop")
     p.add_argument("--min-delta", type=float, default=0.002, help="as a fraction (0.002: 0.2 points)")
+    p.add_argument("--heads", choices=["full"], help="the CNN's heads= (default: the pooled default heads); "
+                   "rows name it after the rule, e.g. 'greedy heads=full'")
     p.add_argument("--quick", action="store_true", help="tiny run; prints, writes nothing")
     p.add_argument("--threads", type=int, default=1, help="torch threads (see run.py)")
     args = p.parse_args()
@@ -318,7 +322,7 @@ def main() -> None:
     trval, x_test, y_test = splits()
     ctx = {"trval": trval, "x_test": x_test, "y_test": y_test, "example": trval.x_train[:2], "lrs": args.lrs,
            "seeds": args.seeds, "sweep_seeds": args.sweep_seeds, "patience": args.patience, "drops": args.drops,
-           "min_delta": args.min_delta, "stamp": common.stamp()}
+           "min_delta": args.min_delta, "heads": args.heads, "stamp": common.stamp()}
     command = "python bench/rules/converge.py " + " ".join(sys.argv[1:])
     rows, start = [], time.perf_counter()
     OUT.mkdir(parents=True, exist_ok=True)

@@ -53,16 +53,18 @@ def mlp(rule: str, inputs: int, depth: int, width: int, lr: float) -> lp.LocalSe
                   optimizer=functools.partial(torch.optim.SGD, lr=lr, momentum=0.9))
 
 
-def cnn1d(rule: str, depth: int, channels: int, example: torch.Tensor, lr: float) -> lp.LocalSequential:
+def cnn1d(rule: str, depth: int, channels: int, example: torch.Tensor, lr: float,
+          heads: str | None = None) -> lp.LocalSequential:
     """``depth`` nodes on [1, 40] signals: depth-1 conv blocks (Conv1d k3 + ReLU; the 2nd
-    and 4th halve the length) and a linear classifier, each its own node via localize()."""
+    and 4th halve the length) and a linear classifier, each its own node via localize()
+    (``heads``: its heads= argument)."""
     layers, c_in, length = [], 1, 40
     for k in range(depth - 1):
         layers.append(nn.Sequential(nn.Conv1d(c_in, channels, 3, padding=1), nn.ReLU(),
                                     *([nn.MaxPool1d(2)] if k in (1, 3) else [])))
         c_in, length = channels, length // 2 if k in (1, 3) else length
     layers.append(nn.Sequential(nn.Flatten(), nn.Linear(channels * length, 10)))
-    return lp.localize(layers, rule=rule, num_classes=10, example_input=example,
+    return lp.localize(layers, rule=rule, num_classes=10, example_input=example, heads=heads,
                        optimizer=functools.partial(torch.optim.SGD, lr=lr, momentum=0.9))
 
 
