@@ -20,6 +20,7 @@ FLOPs are predict()'s ``flops_fraction``: the nodes and heads a sample ran, as a
 of one pass through every node.
 
     python bench/rules/progressive.py [--depths 8 4] [--rules greedy critic] [--seeds 3]
+    python bench/rules/progressive.py --depths 8 --heads full   # the heads at full resolution
 
 Rows go to bench/results/progressive.csv; each run adds its table to bench/results/progressive.md.
 """
@@ -49,6 +50,8 @@ converge = _load("converge")
 #: the lr bench/rules/converge.py chose on validation (bench/results/rules_converged.md; at 8
 #: nodes its --sweep-seeds 3 run, at 4 nodes the sweep on seed 0)
 LR = {("greedy", 8): 0.03, ("critic", 8): 0.03, ("greedy", 4): 0.03, ("critic", 4): 0.03}
+#: the same with heads="full" (its --heads full --sweep-seeds 3 run at 8 nodes)
+FULL_LR = {("greedy", 8): 0.05, ("critic", 8): 0.03}
 TOLERANCE = 0.01  # one point of accuracy
 TITLE = "# Progressive inference on converged networks (MNIST-1D, 1-D CNN)\n"
 
@@ -59,11 +62,20 @@ def accuracy_and_flops(net, x, y, threshold):
     return float((p.labels == y).float().mean()), p.flops_fraction
 
 
+def lr_of(rule: str, depth: int, heads: str | None) -> float:
+    """The lr converge.py chose for (rule, nodes, heads); KeyError naming what it lacks."""
+    table = LR if heads is None else FULL_LR
+    if (rule, depth) not in table:
+        raise KeyError(f"no lr chosen by bench/rules/converge.py for {rule} at {depth} nodes with heads={heads}: "
+                       f"run it there, then add it to {'LR' if heads is None else 'FULL_LR'}")
+    return table[(rule, depth)]
+
+
 def one(rule: str, depth: int, seed: int, ctx) -> dict:
     """Train one network to convergence, take its best validation epoch, then choose its
     thresholds on validation (net.choose_exits), one for all nodes and one per node."""
     torch.manual_seed(seed)
-    net = converge.factory("cnn", depth, LR[(rule, depth)], ctx["example"])(rule)
+    net = converge.factory("cnn", depth, lr_of(rule, depth, ctx["heads"]), ctx["example"], ctx["heads"])(rule)
     run = converge.train(net, ctx["trval"], ctx["x_test"], ctx["y_test"], seed, converge.CAP["cnn"], 10, 0.002,
                          converge.DROPS, keep_best=True)
     if run.best_state is None:  # no epoch finished: nothing to evaluate
@@ -89,10 +101,11 @@ def main() -> None:
     p.add_argument("--rules", nargs="+", default=["greedy", "critic"], choices=["greedy", "critic"])
     p.add_argument("--seeds", type=int, default=3)
     p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--heads", choices=["full"], help="the CNN's heads= (default: the pooled default heads)")
     args = p.parse_args()
     torch.set_num_threads(args.threads)
     trval, x_test, y_test = converge.splits()
-    ctx = {"trval": trval, "x_test": x_test, "y_test": y_test, "example": trval.x_train[:2]}
+    ctx = {"trval": trval, "x_test": x_test, "y_test": y_test, "example": trval.x_train[:2], "heads": args.heads}
     stamp = common.stamp()
     rows, lines = [], ["| nodes | rule | full model test % | one threshold: test % | FLOPs | threshold (chosen on "
                        "validation) | per node: test % | FLOPs | epochs |", "|---|---|---|---|---|---|---|---|---|"]
@@ -102,13 +115,14 @@ def main() -> None:
             figures = ("full", "exit", "flops", "exit_each", "flops_each")
             mean = {k: statistics.mean(r[k] for r in runs) for k in (*figures, "epochs")}
             std = {k: statistics.pstdev(r[k] for r in runs) for k in figures}
-            rows.append({"model": "CNN1d c16", "depth": depth, "rule": rule, "lr": LR[(rule, depth)],
+            label = rule if args.heads is None else f"{rule} heads={args.heads}"
+            rows.append({"model": "CNN1d c16", "depth": depth, "rule": label, "lr": lr_of(rule, depth, args.heads),
                          "seeds": args.seeds, "full_acc": mean["full"], "exit_acc": mean["exit"],
                          "exit_acc_std": std["exit"], "flops_fraction": mean["flops"],
                          "flops_std": std["flops"], "per_node_exit_acc": mean["exit_each"],
                          "per_node_exit_acc_std": std["exit_each"], "per_node_flops_fraction": mean["flops_each"],
                          "per_node_flops_std": std["flops_each"], **stamp})
-            lines.append(f"| {depth} | {rule} | {100 * mean['full']:.1f} ± {100 * std['full']:.1f} | "
+            lines.append(f"| {depth} | {label} | {100 * mean['full']:.1f} ± {100 * std['full']:.1f} | "
                          f"{100 * mean['exit']:.1f} ± {100 * std['exit']:.1f} | {mean['flops']:.2f} ± "
                          f"{std['flops']:.2f} | {', '.join(str(r['threshold']) for r in runs)} | "
                          f"{100 * mean['exit_each']:.1f} ± {100 * std['exit_each']:.1f} | {mean['flops_each']:.2f} ± "
