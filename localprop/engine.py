@@ -111,6 +111,9 @@ class LocalSequential(Network):
             raise ValueError(f"num_classes must be an int >= 2, got {num_classes!r}")
         self.objective = objectives.resolve(loss)
         self.head_factory = _head_factory(heads)
+        if heads not in (None, "tokens") and self.rule.own_heads:  # "tokens" also shapes a critic
+            raise ValueError(f"heads={heads!r} would be discarded: rule {self.rule.name!r} replaces the heads by "
+                             f"{self.rule.own_heads}")
         self.token_features = heads == "tokens"
         self.variable_dims = None if variable_dims is None else tuple(variable_dims)
         #: the model's keyword inputs (attention masks, ...) of the current batch, which

@@ -48,6 +48,9 @@ class Rule(abc.ABC):
     name: ClassVar[str]
     #: True if nodes other than the last need an auxiliary head (built by the engine)
     uses_heads: ClassVar[bool] = False
+    #: what the rule puts in the heads' place in :meth:`attach` (None: it keeps the
+    #: engine's heads), so that a network refuses a heads= the rule would discard
+    own_heads: ClassVar[str | None] = None
     #: True if the rule trains any DAG (LocalGraph), not only chains (LocalSequential)
     graphs: ClassVar[bool] = False
 

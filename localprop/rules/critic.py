@@ -134,6 +134,7 @@ class Critic(LocalRule):
     name = "critic"
     messages = Messages(backward=True)  # the per-sample losses ℓ_k [B]
     uses_heads = True
+    own_heads = "its critics (choose them with Critic(critic=...))"
     figures = ("critic_gap",)
 
     def __init__(self, critic: CriticFactory | None = None, critic_every: int = 1,

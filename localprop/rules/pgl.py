@@ -60,6 +60,7 @@ class PGL(Rule):
         segment = None if segment is None else check_int("PGL", "segment", segment, 1)
         self.global_rule = BP(checkpoint=checkpoint, segment=segment)
         self.uses_heads = self.local.uses_heads
+        self.own_heads = self.local.own_heads
 
     def attach(self, net) -> None:
         self.local.attach(net)

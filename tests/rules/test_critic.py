@@ -59,6 +59,15 @@ def test_conv_critics_train_a_localized_cnn():
     assert fit(net, split, epochs=3, progress=False).final_accuracy > 0.9
 
 
+@pytest.mark.parametrize("rule", ["critic", lp.rules.PGL("critic")], ids=["critic", "pgl-critic"])
+@pytest.mark.parametrize("heads", ["full", lambda k, shape, size: nn.Linear(shape[0], size)], ids=["full", "factory"])
+def test_heads_the_critics_would_replace_are_refused(rule, heads):
+    """The critics take the heads' place, so a heads= choice would be discarded without a word."""
+    with pytest.raises(ValueError, match=r"heads=.* would be discarded: rule '(critic|pgl)' replaces the heads by "
+                                         r"its critics \(choose them with Critic\(critic=\.\.\.\)\)"):
+        lp.LocalSequential(*mlp_nodes([8, 8, 3]), rule=rule, heads=heads)
+
+
 def test_a_pooled_critic_convolves_a_smaller_map():
     """default_critic(pooled=4): the convolutions on a 4x4 map instead of the node's 8x8, a
     quarter of their FLOPs; separable (the default): a depthwise 3x3 then a pointwise conv,
