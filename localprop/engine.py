@@ -69,7 +69,8 @@ class LocalSequential(Network):
         heads: how the auxiliary heads are built: None (from each node's output shape, see
             :func:`localprop.heads.default_head`), "full" (the same, but a feature map's
             convolution runs at the map's full resolution, not pooled first: better
-            features, a node's worth of FLOPs per head, see :func:`localprop.heads.map_head`),
+            features, each head about the FLOPs of one 3-wide convolution of the map, see
+            :func:`localprop.heads.map_head`),
             "tokens" (outputs [B, T, D] are token features: pooled over T for per-sample
             targets, per token for per-position ones; the default when x holds token ids)
             or a factory ``(node index, per-sample output shape, output size) -> nn.Module``.
